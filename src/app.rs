@@ -1,0 +1,206 @@
+//! Wiring: builds every Pingora service from [`Settings`] and runs the server. Nothing else in
+//! the crate imports this module.
+
+use crate::admin::AdminApi;
+use crate::config::{HealthKind, Settings};
+use crate::http_server::HyperApp;
+use crate::proxy::route::RouteConfig;
+use crate::proxy::{Gateway, ProxyConfig};
+use crate::registry::store::{FileStore, RegistryStore};
+use crate::registry::token::{generate_key, AdminKey};
+use crate::registry::Registry;
+use crate::upstream::GatewayHealthCheck;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use pingora_load_balancing::{HealthCheckService, HealthRegistry};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// State directory problem.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// Directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Admin key file problem.
+    #[error("admin key file {path}: {reason}")]
+    AdminKey {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The registry could not be loaded.
+    #[error("{0}")]
+    Registry(#[from] crate::registry::store::StoreError),
+    /// A listener address cannot be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Listen {
+        /// Config key.
+        key: &'static str,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material problem.
+    #[error("https listener: {0}")]
+    Tls(String),
+    /// Runtime could not be built.
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Use the configured admin key, or the one stored in the state directory, or make one.
+fn admin_key(settings: &Settings) -> Result<String, StartupError> {
+    if let Some(k) = &settings.admin_key {
+        return Ok(k.clone());
+    }
+    let path = settings.state_dir.join("admin.key");
+    let err = |reason: String| StartupError::AdminKey {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(k) if k.trim().len() >= 16 => {
+            tracing::info!(path = %path.display(), "admin key loaded from state directory");
+            return Ok(k.trim().to_string());
+        }
+        Ok(_) => return Err(err("key is shorter than 16 characters".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let key = generate_key();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&path).map_err(|e| err(e.to_string()))?;
+    f.write_all(format!("{key}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| err(e.to_string()))?;
+    tracing::warn!(path = %path.display(), "no admin key configured: generated one (mode 0600)");
+    Ok(key)
+}
+
+fn check_bind(key: &'static str, addr: std::net::SocketAddr) -> Result<(), StartupError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartupError::Listen { key, addr, source })
+}
+
+fn check_readable(path: &Path, what: &str) -> Result<(), StartupError> {
+    std::fs::metadata(path)
+        .map(drop)
+        .map_err(|e| StartupError::Tls(format!("{what} {}: {e}", path.display())))
+}
+
+/// Build every service and run until SIGTERM/SIGINT; returns after a graceful shutdown.
+pub fn run(settings: Settings) -> Result<(), StartupError> {
+    std::fs::create_dir_all(&settings.state_dir).map_err(|source| StartupError::StateDir {
+        path: settings.state_dir.clone(),
+        source,
+    })?;
+    let key = admin_key(&settings)?;
+    check_bind("listen.proxy", settings.proxy_addr)?;
+    check_bind("listen.admin", settings.admin_addr)?;
+    if let Some(tls) = &settings.https {
+        check_bind("listen.https", tls.addr)?;
+        check_readable(&tls.cert, "certificate")?;
+        check_readable(&tls.key, "private key")?;
+    }
+
+    let health = Arc::new(HealthRegistry::new());
+    let active_checks = settings.health_kind != HealthKind::None;
+    if active_checks {
+        health.set_health_check(Box::new(GatewayHealthCheck::new(&settings)));
+    }
+    let store: Arc<dyn RegistryStore> = Arc::new(FileStore::new(&settings.state_dir));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartupError::Runtime)?;
+    let registry = Arc::new(rt.block_on(Registry::open(store, health.clone(), &settings))?);
+    drop(rt);
+    tracing::info!(apps = registry.len(), state_dir = %settings.state_dir.display(), "registry loaded");
+
+    let conf = ServerConf {
+        threads: settings.threads,
+        pid_file: settings.pid_file.to_string_lossy().into_owned(),
+        upgrade_sock: settings.upgrade_sock.to_string_lossy().into_owned(),
+        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(settings.shutdown_timeout.as_secs().max(1)),
+        daemon: false,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let proxy_cfg = ProxyConfig {
+        route: RouteConfig {
+            mount_prefix: settings.mount_prefix.clone(),
+            base_domain: settings.base_domain.clone(),
+        },
+        connect_timeout: settings.connect_timeout,
+        read_timeout: settings.read_timeout,
+        write_timeout: settings.write_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_retries: settings.max_retries,
+        fail_cooldown: settings.fail_cooldown,
+        max_header_bytes: settings.max_header_bytes,
+        access_log: settings.access_log,
+    };
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &conf,
+        Gateway::new(registry.clone(), proxy_cfg),
+        "proxy",
+    );
+    proxy.add_tcp(&settings.proxy_addr.to_string());
+    if let Some(tls) = &settings.https {
+        let tls_settings =
+            TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+                .map_err(|e| StartupError::Tls(e.to_string()))?;
+        proxy.add_tls_with_settings(&tls.addr.to_string(), None, tls_settings);
+    }
+
+    let admin_api = Arc::new(AdminApi::new(
+        registry.clone(),
+        AdminKey::new(&key),
+        settings.admin_max_body,
+    ));
+    let mut admin = Service::new(
+        "admin".to_string(),
+        HyperApp::new(admin_api, settings.max_header_bytes),
+    );
+    admin.add_tcp(&settings.admin_addr.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    if active_checks {
+        let mut checker = HealthCheckService::new(health);
+        checker.health_check_frequency = Some(settings.health_interval);
+        checker.parallel_health_check = true;
+        server.add_service(background_service("health checks", checker));
+    }
+    tracing::info!(
+        proxy = %settings.proxy_addr,
+        admin = %settings.admin_addr,
+        https = ?settings.https.as_ref().map(|t| t.addr),
+        threads = settings.threads,
+        "nextgate starting"
+    );
+    server.run(RunArgs::default());
+    tracing::info!("nextgate stopped");
+    Ok(())
+}

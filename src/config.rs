@@ -1,0 +1,646 @@
+//! Configuration: the TOML file's structs, their defaults, validation, and the runtime
+//! [`Settings`] the rest of the gateway reads.
+//!
+//! The file structs mirror `conf/nextgate.toml` key for key and reject unknown keys. They are
+//! never used past startup: [`Settings::from_file`] validates them (every problem is a
+//! [`ConfigError`] naming the key) and converts them into typed settings.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variable that supplies the admin key (overrides `admin.key`).
+pub const ENV_ADMIN_KEY: &str = "NEXTGATE_ADMIN_KEY";
+
+/// A configuration problem, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A key has a value that is out of range or malformed.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `listen.proxy`.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The configuration file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `[server]`
+    pub server: ServerFile,
+    /// `[listen]`
+    pub listen: ListenFile,
+    /// `[admin]`
+    pub admin: AdminFile,
+    /// `[registry]`
+    pub registry: RegistryFile,
+    /// `[proxy]`
+    pub proxy: ProxyFile,
+    /// `[health]`
+    pub health: HealthFile,
+    /// `[log]`
+    pub log: LogFile,
+}
+
+/// `[server]`: process-wide knobs, most of them passed to Pingora.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    /// Worker threads per service; 0 means one per CPU.
+    pub threads: usize,
+    /// Directory for registrations, the generated admin key, pid file and upgrade socket.
+    pub state_dir: String,
+    /// Time between SIGTERM and the start of the final shutdown step.
+    pub grace_period: String,
+    /// Longest time the final shutdown step waits for in-flight requests.
+    pub shutdown_timeout: String,
+    /// Pid file; empty means `{state_dir}/nextgate.pid`.
+    pub pid_file: String,
+    /// Upgrade socket for zero-downtime restarts; empty means `{state_dir}/nextgate-upgrade.sock`.
+    pub upgrade_sock: String,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            state_dir: "nextgate-state".into(),
+            grace_period: "1s".into(),
+            shutdown_timeout: "5s".into(),
+            pid_file: String::new(),
+            upgrade_sock: String::new(),
+        }
+    }
+}
+
+/// `[listen]`: listener addresses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenFile {
+    /// Public proxy listener (plain HTTP).
+    pub proxy: String,
+    /// Admin listener (registry API).
+    pub admin: String,
+    /// Optional public HTTPS listener; empty disables it.
+    pub https: String,
+    /// PEM certificate chain for `https`.
+    pub tls_cert: String,
+    /// PEM private key for `https`.
+    pub tls_key: String,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self {
+            proxy: "0.0.0.0:8080".into(),
+            admin: "127.0.0.1:8081".into(),
+            https: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
+/// `[admin]`: the admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    /// Admin key; empty means `NEXTGATE_ADMIN_KEY`, else a key generated into the state dir.
+    pub key: String,
+    /// Largest request body the admin API accepts, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[registry]`: who may register.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryFile {
+    /// `open`: any name may register; `provisioned`: only names the admin created.
+    pub mode: String,
+    /// Shortest accepted app token.
+    pub min_token_length: usize,
+    /// Most backends one app may register.
+    pub max_endpoints: usize,
+}
+
+impl Default for RegistryFile {
+    fn default() -> Self {
+        Self {
+            mode: "open".into(),
+            min_token_length: 16,
+            max_endpoints: 64,
+        }
+    }
+}
+
+/// `[proxy]`: request routing and upstream behaviour.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyFile {
+    /// Path prefix under which `/{prefix}/{app}/{rest}` routes to `app`.
+    pub mount_prefix: String,
+    /// `Host: {app}.{base_domain}` routes to `app`; empty disables host routing.
+    pub base_domain: String,
+    /// Upstream TCP (and TLS) connect timeout.
+    pub connect_timeout: String,
+    /// Upstream read timeout between bytes; lifted for WebSocket upgrades and event streams.
+    pub read_timeout: String,
+    /// Upstream write timeout.
+    pub write_timeout: String,
+    /// How long an idle upstream keepalive connection is kept.
+    pub idle_timeout: String,
+    /// Further backends tried after a connection failure (each backend at most once).
+    pub max_retries: usize,
+    /// How long a backend that failed a connection is avoided before traffic tries it again.
+    pub fail_cooldown: String,
+    /// Largest request header block (all header lines) accepted from clients, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxyFile {
+    fn default() -> Self {
+        Self {
+            mount_prefix: "/v3".into(),
+            base_domain: String::new(),
+            connect_timeout: "2s".into(),
+            read_timeout: "60s".into(),
+            write_timeout: "60s".into(),
+            idle_timeout: "60s".into(),
+            max_retries: 2,
+            fail_cooldown: "5s".into(),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[health]`: active health checks, one shared checker for all apps.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    /// `tcp` (connect only), `http` (GET `path`, any 2xx passes) or `none`.
+    pub kind: String,
+    /// Path requested by `http` checks.
+    pub path: String,
+    /// Time between check passes.
+    pub interval: String,
+    /// Timeout of one check.
+    pub timeout: String,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub healthy_threshold: usize,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: usize,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        Self {
+            kind: "tcp".into(),
+            path: "/".into(),
+            interval: "2s".into(),
+            timeout: "1s".into(),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// `tracing` filter, e.g. `info` or `nextgate=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+    /// One structured log line per proxied request at info level.
+    pub access: bool,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+            access: false,
+        }
+    }
+}
+
+/// Who may register a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryMode {
+    /// Any valid name may register.
+    Open,
+    /// Only names pre-provisioned by the admin may register.
+    Provisioned,
+}
+
+/// Which active health check runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// No active checks: backends are healthy unless passively marked after failures.
+    None,
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET on a path.
+    Http {
+        /// Requested path.
+        path: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Optional HTTPS listener.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Validated runtime settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Worker threads per service.
+    pub threads: usize,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// SIGTERM grace period.
+    pub grace_period: Duration,
+    /// Final shutdown timeout.
+    pub shutdown_timeout: Duration,
+    /// Pid file path.
+    pub pid_file: PathBuf,
+    /// Upgrade socket path.
+    pub upgrade_sock: PathBuf,
+    /// Public proxy listener.
+    pub proxy_addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+    /// Optional HTTPS listener.
+    pub https: Option<TlsListener>,
+    /// Admin key from config or environment, if any.
+    pub admin_key: Option<String>,
+    /// Admin API body limit.
+    pub admin_max_body: usize,
+    /// Registration mode.
+    pub registry_mode: RegistryMode,
+    /// Shortest token.
+    pub min_token_length: usize,
+    /// Most endpoints per app.
+    pub max_endpoints: usize,
+    /// Mount prefix without trailing slash, e.g. `/v3`.
+    pub mount_prefix: String,
+    /// Base domain for host routing, lower case, without leading dot.
+    pub base_domain: Option<String>,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream read timeout.
+    pub read_timeout: Duration,
+    /// Upstream write timeout.
+    pub write_timeout: Duration,
+    /// Upstream keepalive idle timeout.
+    pub idle_timeout: Duration,
+    /// Retries after a connection failure.
+    pub max_retries: usize,
+    /// Passive failure cooldown.
+    pub fail_cooldown: Duration,
+    /// Client request header limit.
+    pub max_header_bytes: usize,
+    /// Health check kind.
+    pub health_kind: HealthKind,
+    /// Health check interval.
+    pub health_interval: Duration,
+    /// Health check timeout.
+    pub health_timeout: Duration,
+    /// Consecutive successes to become healthy.
+    pub healthy_threshold: usize,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: usize,
+    /// Log filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Access log on.
+    pub access_log: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::from_file(FileConfig::default()).expect("built-in defaults are valid")
+    }
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("`{value}` is not a duration like \"5s\" ({e})"),
+        )
+    })
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn positive(key: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        Err(invalid(key, "must be at least 1"))
+    } else {
+        Ok(value)
+    }
+}
+
+impl Settings {
+    /// Read, parse and validate a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Self::from_file(file)
+    }
+
+    /// Validate file structs into settings. The environment's admin key wins over the file's.
+    pub fn from_file(f: FileConfig) -> Result<Self, ConfigError> {
+        let threads = if f.server.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            f.server.threads
+        };
+        if f.server.state_dir.trim().is_empty() {
+            return Err(invalid("server.state_dir", "must not be empty"));
+        }
+        let state_dir = PathBuf::from(f.server.state_dir.trim());
+        let pid_file = if f.server.pid_file.is_empty() {
+            state_dir.join("nextgate.pid")
+        } else {
+            PathBuf::from(&f.server.pid_file)
+        };
+        let upgrade_sock = if f.server.upgrade_sock.is_empty() {
+            state_dir.join("nextgate-upgrade.sock")
+        } else {
+            PathBuf::from(&f.server.upgrade_sock)
+        };
+
+        let https = if f.listen.https.trim().is_empty() {
+            None
+        } else {
+            if f.listen.tls_cert.is_empty() {
+                return Err(invalid(
+                    "listen.tls_cert",
+                    "required when listen.https is set",
+                ));
+            }
+            if f.listen.tls_key.is_empty() {
+                return Err(invalid(
+                    "listen.tls_key",
+                    "required when listen.https is set",
+                ));
+            }
+            Some(TlsListener {
+                addr: socket_addr("listen.https", &f.listen.https)?,
+                cert: PathBuf::from(&f.listen.tls_cert),
+                key: PathBuf::from(&f.listen.tls_key),
+            })
+        };
+
+        let env_key = std::env::var(ENV_ADMIN_KEY).ok().filter(|k| !k.is_empty());
+        let admin_key = env_key.or_else(|| Some(f.admin.key.clone()).filter(|k| !k.is_empty()));
+        if let Some(k) = &admin_key {
+            if k.len() < 16 {
+                return Err(invalid("admin.key", "must be at least 16 characters"));
+            }
+        }
+
+        let registry_mode = match f.registry.mode.as_str() {
+            "open" => RegistryMode::Open,
+            "provisioned" => RegistryMode::Provisioned,
+            other => {
+                return Err(invalid(
+                    "registry.mode",
+                    format!("`{other}` is not one of \"open\", \"provisioned\""),
+                ))
+            }
+        };
+        if !(8..=256).contains(&f.registry.min_token_length) {
+            return Err(invalid(
+                "registry.min_token_length",
+                "must be between 8 and 256",
+            ));
+        }
+
+        let prefix = f
+            .proxy
+            .mount_prefix
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        if !prefix.starts_with('/') || prefix.contains("//") || prefix.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "proxy.mount_prefix",
+                format!("`{}` must be a path like \"/v3\"", f.proxy.mount_prefix),
+            ));
+        }
+        let base_domain = f
+            .proxy
+            .base_domain
+            .trim()
+            .trim_start_matches('.')
+            .to_ascii_lowercase();
+        let base_domain = (!base_domain.is_empty()).then_some(base_domain);
+
+        let health_kind = match f.health.kind.as_str() {
+            "none" => HealthKind::None,
+            "tcp" => HealthKind::Tcp,
+            "http" => {
+                if !f.health.path.starts_with('/') {
+                    return Err(invalid("health.path", "must start with /"));
+                }
+                HealthKind::Http {
+                    path: f.health.path.clone(),
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "health.kind",
+                    format!("`{other}` is not one of \"tcp\", \"http\", \"none\""),
+                ))
+            }
+        };
+        let health_interval = duration("health.interval", &f.health.interval)?;
+        if health_interval < Duration::from_millis(100) {
+            return Err(invalid("health.interval", "must be at least 100ms"));
+        }
+
+        let log_format = match f.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&f.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
+
+        Ok(Settings {
+            threads,
+            state_dir,
+            grace_period: duration("server.grace_period", &f.server.grace_period)?,
+            shutdown_timeout: duration("server.shutdown_timeout", &f.server.shutdown_timeout)?,
+            pid_file,
+            upgrade_sock,
+            proxy_addr: socket_addr("listen.proxy", &f.listen.proxy)?,
+            admin_addr: socket_addr("listen.admin", &f.listen.admin)?,
+            https,
+            admin_key,
+            admin_max_body: positive("admin.max_body_bytes", f.admin.max_body_bytes)?,
+            registry_mode,
+            min_token_length: f.registry.min_token_length,
+            max_endpoints: positive("registry.max_endpoints", f.registry.max_endpoints)?,
+            mount_prefix: prefix,
+            base_domain,
+            connect_timeout: duration("proxy.connect_timeout", &f.proxy.connect_timeout)?,
+            read_timeout: duration("proxy.read_timeout", &f.proxy.read_timeout)?,
+            write_timeout: duration("proxy.write_timeout", &f.proxy.write_timeout)?,
+            idle_timeout: duration("proxy.idle_timeout", &f.proxy.idle_timeout)?,
+            max_retries: f.proxy.max_retries,
+            fail_cooldown: duration("proxy.fail_cooldown", &f.proxy.fail_cooldown)?,
+            max_header_bytes: positive("proxy.max_header_bytes", f.proxy.max_header_bytes)?,
+            health_kind,
+            health_interval,
+            health_timeout: duration("health.timeout", &f.health.timeout)?,
+            healthy_threshold: positive("health.healthy_threshold", f.health.healthy_threshold)?,
+            unhealthy_threshold: positive(
+                "health.unhealthy_threshold",
+                f.health.unhealthy_threshold,
+            )?,
+            log_level: f.log.level,
+            log_format,
+            access_log: f.log.access,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Settings::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let s = parse("").expect("defaults");
+        assert_eq!(s.proxy_addr, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(s.admin_addr, "127.0.0.1:8081".parse().expect("addr"));
+        assert_eq!(s.mount_prefix, "/v3");
+        assert_eq!(s.grace_period, Duration::from_secs(1));
+        assert_eq!(s.registry_mode, RegistryMode::Open);
+        assert_eq!(s.state_dir, PathBuf::from("nextgate-state"));
+    }
+
+    #[test]
+    fn shipped_config_parses_to_defaults() {
+        let text = include_str!("../conf/nextgate.toml");
+        let s = parse(text).expect("conf/nextgate.toml is valid");
+        let d = Settings::default();
+        assert_eq!(s.proxy_addr, d.proxy_addr);
+        assert_eq!(s.read_timeout, d.read_timeout);
+        assert_eq!(s.health_kind, d.health_kind);
+        assert_eq!(s.max_header_bytes, d.max_header_bytes);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[proxy]\nmount_prefx = \"/x\"\n").expect_err("unknown key");
+        assert!(e.to_string().contains("mount_prefx"), "{e}");
+        let e = parse("[proxi]\n").expect_err("unknown table");
+        assert!(e.to_string().contains("proxi"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[listen]\nproxy = \"nope\"", "listen.proxy"),
+            ("[server]\ngrace_period = \"soon\"", "server.grace_period"),
+            ("[registry]\nmode = \"closed\"", "registry.mode"),
+            ("[health]\nkind = \"icmp\"", "health.kind"),
+            ("[proxy]\nmount_prefix = \"v3\"", "proxy.mount_prefix"),
+            ("[listen]\nhttps = \"0.0.0.0:8443\"", "listen.tls_cert"),
+            ("[admin]\nkey = \"short\"", "admin.key"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+}

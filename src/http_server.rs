@@ -1,0 +1,81 @@
+//! Serving a hyper 1 handler on a Pingora listener, so the admin API (and later the event hub)
+//! take part in Pingora's listeners, graceful shutdown and upgrades.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Response body type of handlers.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Time a client has to send a complete request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP request handler.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Answer one request.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body>;
+}
+
+/// A Pingora [`ServerApp`] running a [`Handler`] with hyper's HTTP/1 server.
+pub struct HyperApp<H> {
+    handler: Arc<H>,
+    max_header_bytes: usize,
+}
+
+impl<H: Handler> HyperApp<H> {
+    /// Wrap a handler; `max_header_bytes` bounds the request head.
+    pub fn new(handler: Arc<H>, max_header_bytes: usize) -> Self {
+        Self {
+            handler,
+            max_header_bytes,
+        }
+    }
+}
+
+#[async_trait]
+impl<H: Handler> ServerApp for HyperApp<H> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let handler = self.handler.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.handle(req).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(self.max_header_bytes.max(8192));
+        let conn = builder.serve_connection(TokioIo::new(session), service);
+        tokio::pin!(conn);
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                }
+            }
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "http connection ended with an error during shutdown");
+                }
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,21 @@
+//! nextgate, the NextDeveloper API Gateway: an edge proxy on Pingora with an app registry.
+//!
+//! # Layout
+//! - [`config`]: the TOML file's structs, defaults and validation into [`config::Settings`].
+//! - [`app`]: wiring; builds the proxy, admin and health-check services and runs the server.
+//! - [`registry`]: registered apps, tokens ([`registry::token`]), input checks
+//!   ([`registry::validate`]) and durable state ([`registry::store`]).
+//! - [`upstream`]: an app's load-balanced backends, passive failure marks, the health check.
+//! - [`proxy`]: the Pingora `ProxyHttp` that routes by app name ([`proxy::route`] is pure).
+//! - [`admin`]: the registry's HTTP API on the admin listener.
+//! - [`http_server`]: hyper handlers served on Pingora listeners.
+//! - [`error`]: errors at the HTTP edge as status + JSON.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod http_server;
+pub mod proxy;
+pub mod registry;
+pub mod upstream;

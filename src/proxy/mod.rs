@@ -1,0 +1,403 @@
+//! The request forwarder: a Pingora [`ProxyHttp`] that routes each request by registered app
+//! name to that app's load-balanced, health-checked backends, and times every request.
+//!
+//! Per request it reads one registry snapshot (no locks), picks a backend that is healthy and
+//! not yet tried, retries connection failures (and idempotent requests that failed before any
+//! response byte reached the client) on another backend, marks failing backends passively, and
+//! answers every failure with a JSON body.
+
+pub mod route;
+
+use crate::error::json_error_body;
+use crate::registry::{App, Registry};
+use crate::upstream::{self, BackendInfo};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use route::{Route, RouteConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Seconds a client is told to wait when an app has no healthy backend.
+const RETRY_AFTER_SECS: &str = "2";
+
+/// Request-id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Proxy settings taken from [`crate::config::Settings`].
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Routing.
+    pub route: RouteConfig,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream read timeout (lifted for upgrades and event streams).
+    pub read_timeout: Duration,
+    /// Upstream write timeout.
+    pub write_timeout: Duration,
+    /// Upstream keepalive idle timeout.
+    pub idle_timeout: Duration,
+    /// Backends tried after the first one fails.
+    pub max_retries: usize,
+    /// Passive failure cooldown.
+    pub fail_cooldown: Duration,
+    /// Client header block limit.
+    pub max_header_bytes: usize,
+    /// Access log lines.
+    pub access_log: bool,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    /// When the filter phase started.
+    pub started: Option<Instant>,
+    /// Total time from the filter phase to the end of logging; set in `logging`.
+    pub elapsed: Option<Duration>,
+    /// The app this request is for.
+    pub app: Option<Arc<App>>,
+    /// Path and query to send upstream, if rewritten.
+    pub upstream_path: Option<String>,
+    /// Request id (kept from the client or generated).
+    pub request_id: Option<String>,
+    /// Backends tried, in order.
+    pub tried: Vec<SocketAddr>,
+    /// The backend of the current attempt.
+    pub backend: Option<Arc<BackendInfo>>,
+    /// Upgrade or event-stream request: no upstream read timeout.
+    pub long_lived: bool,
+}
+
+/// The gateway's proxy logic.
+pub struct Gateway {
+    registry: Arc<Registry>,
+    cfg: ProxyConfig,
+    id_prefix: u64,
+    id_counter: AtomicU64,
+}
+
+impl Gateway {
+    /// A proxy over `registry`.
+    pub fn new(registry: Arc<Registry>, cfg: ProxyConfig) -> Self {
+        Self {
+            registry,
+            cfg,
+            id_prefix: u64::from_le_bytes(crate::registry::token::random_bytes::<8>()),
+            id_counter: AtomicU64::new(0),
+        }
+    }
+
+    fn new_request_id(&self) -> String {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{:016x}", self.id_prefix, n)
+    }
+
+    /// Write a complete JSON response (with a content length) from a filter.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        status: u16,
+        body: Bytes,
+        retry_after: bool,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header(REQUEST_ID, id.as_str())?;
+        }
+        if retry_after {
+            resp.insert_header(header::RETRY_AFTER, RETRY_AFTER_SECS)?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    fn app_has_untried(&self, ctx: &RequestCtx) -> bool {
+        ctx.app.as_ref().is_some_and(|app| {
+            let backends = app.upstream.backends();
+            backends.iter().any(|b| {
+                b.addr
+                    .as_inet()
+                    .is_some_and(|a| !ctx.tried.contains(a) && app.upstream.healthy(b))
+            })
+        })
+    }
+
+    fn may_retry(&self, ctx: &RequestCtx) -> bool {
+        ctx.tried.len() <= self.cfg.max_retries && self.app_has_untried(ctx)
+    }
+}
+
+fn header_bytes(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::default()
+    }
+
+    async fn early_request_filter(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.started = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = Some(match req.headers.get(REQUEST_ID).map(|v| v.to_str()) {
+            Some(Ok(id)) if !id.is_empty() && id.len() <= 128 => id.to_string(),
+            _ => self.new_request_id(),
+        });
+        if header_bytes(req) > self.cfg.max_header_bytes {
+            let body = json_error_body("request headers are too large", None);
+            self.respond(session, ctx, 431, body, false).await?;
+            return Ok(true);
+        }
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host());
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (name, upstream_path) = match route::route(host, path, &self.cfg.route) {
+            Route::App {
+                name,
+                upstream_path,
+            } => (name.to_ascii_lowercase(), upstream_path),
+            Route::Events | Route::NotFound => {
+                let body = json_error_body("no route matches this request", None);
+                self.respond(session, ctx, 404, body, false).await?;
+                return Ok(true);
+            }
+        };
+        let Some(app) = self.registry.get(&name) else {
+            let body = json_error_body(&format!("no app named `{name}` is registered"), None);
+            self.respond(session, ctx, 404, body, false).await?;
+            return Ok(true);
+        };
+        let accept_sse = req
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        ctx.long_lived = session.is_upgrade_req() || accept_sse;
+        if ctx.long_lived {
+            // An open WebSocket or event stream may be quiet for long: no client idle cut-off.
+            session.set_read_timeout(None);
+        }
+        ctx.upstream_path = upstream_path;
+        ctx.app = Some(app);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(app) = ctx.app.as_ref() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no app in context",
+            ));
+        };
+        let key = session.req_header().uri.path().as_bytes();
+        let Some(backend) = app.upstream.select(key, &ctx.tried, self.cfg.fail_cooldown) else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy backend",
+            ));
+        };
+        let Some(addr) = backend.addr.as_inet().copied() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "backend is not an inet address",
+            ));
+        };
+        let info = upstream::info(&backend).cloned();
+        let (tls, sni) = info
+            .as_ref()
+            .map_or((false, String::new()), |i| (i.tls, i.sni.clone()));
+        ctx.tried.push(addr);
+        ctx.backend = info;
+        let mut peer = HttpPeer::new(addr, tls, sni);
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.cfg.connect_timeout);
+        o.read_timeout = (!ctx.long_lived).then_some(self.cfg.read_timeout);
+        o.write_timeout = Some(self.cfg.write_timeout);
+        o.idle_timeout = Some(self.cfg.idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(path) = &ctx.upstream_path {
+            let uri = http::Uri::builder()
+                .path_and_query(path.as_str())
+                .build()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewritten path", e))?;
+            upstream_request.set_uri(uri);
+        }
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = client.ip().to_string();
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+        if let Some(host) = session.req_header().headers.get(header::HOST).cloned() {
+            upstream_request.insert_header("x-forwarded-host", host)?;
+        }
+        if let Some(id) = &ctx.request_id {
+            upstream_request.insert_header(REQUEST_ID, id.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(b) = &ctx.backend {
+            b.mark_ok();
+        }
+        if let Some(id) = &ctx.request_id {
+            if !upstream_response.headers.contains_key(REQUEST_ID) {
+                upstream_response.insert_header(REQUEST_ID, id.as_str())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(b) = &ctx.backend {
+            b.mark_failed();
+        }
+        // Nothing reached the backend: safe to try another one for any method.
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if !replayable {
+            e.set_retry(false);
+        } else if session.as_ref().response_written().is_none() && self.may_retry(ctx) {
+            // The backend failed before the client saw a byte: replay on another backend.
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        use ErrorType::*;
+        let (code, message) = match e.etype() {
+            HTTPStatus(503) => (
+                503,
+                "no healthy backend is available for this app".to_string(),
+            ),
+            HTTPStatus(code) => (*code, format!("request failed: {}", e.etype().as_str())),
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
+                (504, format!("upstream timed out: {}", e.etype().as_str()))
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, format!("upstream error: {}", e.etype().as_str())),
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => (0, String::new()),
+                    _ => (400, format!("bad request: {}", e.etype().as_str())),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => {
+                    (500, "internal gateway error".to_string())
+                }
+            },
+        };
+        if code > 0 && session.as_ref().response_written().is_none() {
+            let body = json_error_body(&message, None);
+            if let Err(err) = self.respond(session, ctx, code, body, code == 503).await {
+                tracing::debug!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let elapsed = ctx.started.map(|s| s.elapsed());
+        ctx.elapsed = elapsed;
+        if self.cfg.access_log {
+            let req = session.req_header();
+            let status = session
+                .as_ref()
+                .response_written()
+                .map_or(0, |r| r.status.as_u16());
+            tracing::info!(
+                target: "nextgate::access",
+                app = ctx.app.as_ref().map_or("", |a| a.name()),
+                method = %req.method,
+                path = %req.uri,
+                status,
+                duration_us = elapsed.map_or(0, |d| d.as_micros() as u64),
+                backend = ctx.backend.as_ref().map_or("", |b| b.endpoint.as_str()),
+                attempts = ctx.tried.len(),
+                request_id = ctx.request_id.as_deref().unwrap_or(""),
+                error = e.map(|e| e.to_string()),
+                "request"
+            );
+        }
+    }
+}
