@@ -180,7 +180,11 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     ));
     let mut admin = Service::new(
         "admin".to_string(),
-        HyperApp::new(admin_api, settings.max_header_bytes),
+        HyperApp::new(
+            admin_api,
+            settings.max_header_bytes,
+            settings.admin_max_connections,
+        ),
     );
     admin.add_tcp(&settings.admin_addr.to_string());
     admin.threads = Some(1);

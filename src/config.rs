@@ -136,6 +136,8 @@ pub struct AdminFile {
     pub key: String,
     /// Largest request body the admin API accepts, in bytes.
     pub max_body_bytes: usize,
+    /// Most admin connections served at once.
+    pub max_connections: usize,
 }
 
 impl Default for AdminFile {
@@ -143,6 +145,7 @@ impl Default for AdminFile {
         Self {
             key: String::new(),
             max_body_bytes: 64 * 1024,
+            max_connections: 256,
         }
     }
 }
@@ -330,6 +333,8 @@ pub struct Settings {
     pub admin_key: Option<String>,
     /// Admin API body limit.
     pub admin_max_body: usize,
+    /// Admin API connection limit.
+    pub admin_max_connections: usize,
     /// Registration mode.
     pub registry_mode: RegistryMode,
     /// Shortest token.
@@ -561,6 +566,7 @@ impl Settings {
             https,
             admin_key,
             admin_max_body: positive("admin.max_body_bytes", f.admin.max_body_bytes)?,
+            admin_max_connections: positive("admin.max_connections", f.admin.max_connections)?,
             registry_mode,
             min_token_length: f.registry.min_token_length,
             max_endpoints: positive("registry.max_endpoints", f.registry.max_endpoints)?,
@@ -616,6 +622,14 @@ mod tests {
         assert_eq!(s.read_timeout, d.read_timeout);
         assert_eq!(s.health_kind, d.health_kind);
         assert_eq!(s.max_header_bytes, d.max_header_bytes);
+    }
+
+    #[test]
+    fn container_config_parses() {
+        let s =
+            parse(include_str!("../conf/container.toml")).expect("conf/container.toml is valid");
+        assert_eq!(s.admin_addr, "0.0.0.0:8081".parse().expect("addr"));
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/nextgate"));
     }
 
     #[test]

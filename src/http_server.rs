@@ -31,14 +31,17 @@ pub trait Handler: Send + Sync + 'static {
 pub struct HyperApp<H> {
     handler: Arc<H>,
     max_header_bytes: usize,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl<H: Handler> HyperApp<H> {
-    /// Wrap a handler; `max_header_bytes` bounds the request head.
-    pub fn new(handler: Arc<H>, max_header_bytes: usize) -> Self {
+    /// Wrap a handler; `max_header_bytes` bounds the request head, `max_connections` the
+    /// connections served at once (more are closed at once).
+    pub fn new(handler: Arc<H>, max_header_bytes: usize, max_connections: usize) -> Self {
         Self {
             handler,
             max_header_bytes,
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         }
     }
 }

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         settings.state_dir = dir;
     }
     if cli.test {
+        #[allow(clippy::print_stdout)] // the CLI's own answer, like `nginx -t`
         println!("nextgate: configuration {label} is ok");
         return ExitCode::SUCCESS;
     }
