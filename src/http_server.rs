@@ -53,6 +53,10 @@ impl<H: Handler> ServerApp for HyperApp<H> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            tracing::warn!("connection limit reached: closing a new connection");
+            return None;
+        };
         let handler = self.handler.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();

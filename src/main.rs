@@ -32,6 +32,7 @@ fn init_logging(s: &Settings) {
     }
 }
 
+#[allow(clippy::print_stdout)] // `-t` answers on stdout, like `nginx -t`
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let label = cli.config.as_ref().map_or_else(
@@ -55,7 +56,6 @@ fn main() -> ExitCode {
         settings.state_dir = dir;
     }
     if cli.test {
-        #[allow(clippy::print_stdout)] // the CLI's own answer, like `nginx -t`
         println!("nextgate: configuration {label} is ok");
         return ExitCode::SUCCESS;
     }
