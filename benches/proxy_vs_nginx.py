@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--body", type=int, default=64, help="backend response body bytes")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "nextgate"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-work-stealing", action="store_true", help="run nextgate with server.work_stealing = false")
     args = ap.parse_args()
 
     need("nginx", "nginx")
@@ -187,10 +188,12 @@ def main():
             f.write(f"""
 [server]
 threads = {args.workers}
+work_stealing = {"false" if args.no_work_stealing else "true"}
 state_dir = "{tmp}/state"
 [listen]
 proxy = "127.0.0.1:{ng_proxy}"
 admin = "127.0.0.1:{ng_admin}"
+events = "127.0.0.1:{free_port()}"
 [admin]
 key = "{ADMIN_KEY}"
 [log]

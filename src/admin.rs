@@ -15,7 +15,7 @@
 //! in size; unknown fields are refused.
 
 use crate::error::ApiError;
-use crate::http_server::{Body, Handler};
+use crate::http_server::{bearer, Body, Handler};
 use crate::registry::token::AdminKey;
 use crate::registry::{validate, App, Registration, Registry};
 use async_trait::async_trait;
@@ -90,7 +90,7 @@ enum BodyKind {
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body).boxed());
+    let mut resp = Response::new(Full::new(body).boxed_unsync());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -102,14 +102,15 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 fn ok_json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(v) => json_response(status, Bytes::from(v)),
-        Err(e) => error_response(&ApiError::new(
+        Err(e) => error_json(&ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),
         )),
     }
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+/// An [`ApiError`] as a JSON response.
+pub fn error_json(e: &ApiError) -> Response<Body> {
     json_response(e.status, e.body())
 }
 
@@ -156,12 +157,6 @@ fn required(v: Option<String>, field: &'static str) -> Result<String, ApiError> 
             format!("`{field}` is required"),
         )),
     }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 impl AdminApi {
@@ -430,7 +425,11 @@ fn method_not_allowed(allow: &str) -> ApiError {
 
 #[async_trait]
 impl Handler for AdminApi {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        _shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let admin = self.is_admin(req.headers());
@@ -438,7 +437,7 @@ impl Handler for AdminApi {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(%method, %path, status = e.status.as_u16(), error = %e.error, admin, "admin request refused");
-                error_response(&e)
+                error_json(&e)
             }
         }
     }

@@ -4,6 +4,10 @@
 use crate::admin::AdminApi;
 use crate::config::{HealthKind, Settings};
 use crate::http_server::HyperApp;
+use crate::hub::api::HubApi;
+use crate::hub::store::HubStore;
+use crate::hub::ticket::Signer;
+use crate::hub::Hub;
 use crate::proxy::route::RouteConfig;
 use crate::proxy::{Gateway, ProxyConfig};
 use crate::registry::store::{FileStore, RegistryStore};
@@ -12,13 +16,19 @@ use crate::registry::Registry;
 use crate::upstream::GatewayHealthCheck;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server};
-use pingora_core::services::background::background_service;
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_load_balancing::{HealthCheckService, HealthRegistry};
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often idle hub channels are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +41,8 @@ pub enum StartupError {
         /// Why.
         source: std::io::Error,
     },
-    /// Admin key file problem.
-    #[error("admin key file {path}: {reason}")]
+    /// Admin key or hub secret file problem.
+    #[error("secret file {path}: {reason}")]
     AdminKey {
         /// File.
         path: PathBuf,
@@ -48,7 +58,7 @@ pub enum StartupError {
         /// Config key.
         key: &'static str,
         /// Address.
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         /// Why.
         source: std::io::Error,
     },
@@ -60,22 +70,28 @@ pub enum StartupError {
     Runtime(std::io::Error),
 }
 
-/// Use the configured admin key, or the one stored in the state directory, or make one.
-fn admin_key(settings: &Settings) -> Result<String, StartupError> {
-    if let Some(k) = &settings.admin_key {
+/// Use the configured secret, or the one stored in `{state_dir}/{file}`, or make one there
+/// (mode 0600) and log its path.
+fn secret(
+    configured: Option<&String>,
+    settings: &Settings,
+    file: &str,
+    min_len: usize,
+) -> Result<String, StartupError> {
+    if let Some(k) = configured {
         return Ok(k.clone());
     }
-    let path = settings.state_dir.join("admin.key");
+    let path = settings.state_dir.join(file);
     let err = |reason: String| StartupError::AdminKey {
         path: path.clone(),
         reason,
     };
     match std::fs::read_to_string(&path) {
-        Ok(k) if k.trim().len() >= 16 => {
-            tracing::info!(path = %path.display(), "admin key loaded from state directory");
+        Ok(k) if k.trim().len() >= min_len => {
+            tracing::info!(path = %path.display(), "secret loaded from state directory");
             return Ok(k.trim().to_string());
         }
-        Ok(_) => return Err(err("key is shorter than 16 characters".into())),
+        Ok(_) => return Err(err(format!("secret is shorter than {min_len} characters"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e.to_string())),
     }
@@ -88,11 +104,43 @@ fn admin_key(settings: &Settings) -> Result<String, StartupError> {
     f.write_all(format!("{key}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| err(e.to_string()))?;
-    tracing::warn!(path = %path.display(), "no admin key configured: generated one (mode 0600)");
+    tracing::warn!(path = %path.display(), "none configured: generated a secret (mode 0600)");
     Ok(key)
 }
 
-fn check_bind(key: &'static str, addr: std::net::SocketAddr) -> Result<(), StartupError> {
+/// Where the proxy reaches a listener bound to `addr` (a wildcard address means loopback).
+fn local_peer(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// Sweeps idle channels and channels of deregistered apps.
+struct HubSweeper {
+    hub: Arc<Hub>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for HubSweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let removed = self.hub.sweep(tokio::time::Instant::now());
+                    if removed > 0 {
+                        tracing::debug!(removed, channels = self.hub.channel_count(), "hub channels swept");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn check_bind(key: &'static str, addr: SocketAddr) -> Result<(), StartupError> {
     std::net::TcpListener::bind(addr)
         .map(drop)
         .map_err(|source| StartupError::Listen { key, addr, source })
@@ -110,9 +158,11 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         path: settings.state_dir.clone(),
         source,
     })?;
-    let key = admin_key(&settings)?;
+    let key = secret(settings.admin_key.as_ref(), &settings, "admin.key", 16)?;
+    let hub_secret = secret(settings.hub.secret.as_ref(), &settings, "hub.secret", 32)?;
     check_bind("listen.proxy", settings.proxy_addr)?;
     check_bind("listen.admin", settings.admin_addr)?;
+    check_bind("listen.events", settings.hub.addr)?;
     if let Some(tls) = &settings.https {
         check_bind("listen.https", tls.addr)?;
         check_readable(&tls.cert, "certificate")?;
@@ -135,6 +185,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
 
     let conf = ServerConf {
         threads: settings.threads,
+        work_stealing: settings.work_stealing,
         pid_file: settings.pid_file.to_string_lossy().into_owned(),
         upgrade_sock: settings.upgrade_sock.to_string_lossy().into_owned(),
         grace_period_seconds: Some(settings.grace_period.as_secs()),
@@ -159,6 +210,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         fail_cooldown: settings.fail_cooldown,
         max_header_bytes: settings.max_header_bytes,
         access_log: settings.access_log,
+        hub_addr: local_peer(settings.hub.addr),
     };
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &conf,
@@ -189,8 +241,29 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     admin.add_tcp(&settings.admin_addr.to_string());
     admin.threads = Some(1);
 
+    let hub_store = Arc::new(HubStore::open(&settings.state_dir)?);
+    let hub = Hub::new(settings.hub.clone(), registry.clone());
+    let hub_api = Arc::new(HubApi::new(
+        hub.clone(),
+        hub_store,
+        Signer::new(hub_secret.as_bytes()),
+        AdminKey::new(&key),
+        &settings.mount_prefix,
+    ));
+    let mut events = Service::new(
+        "events".to_string(),
+        HyperApp::new(
+            hub_api,
+            settings.max_header_bytes,
+            settings.hub.max_connections,
+        ),
+    );
+    events.add_tcp(&settings.hub.addr.to_string());
+
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(events);
+    server.add_service(background_service("hub sweeper", HubSweeper { hub }));
     if active_checks {
         let mut checker = HealthCheckService::new(health);
         checker.health_check_frequency = Some(settings.health_interval);
@@ -200,6 +273,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     tracing::info!(
         proxy = %settings.proxy_addr,
         admin = %settings.admin_addr,
+        events = %settings.hub.addr,
         https = ?settings.https.as_ref().map(|t| t.addr),
         threads = settings.threads,
         "nextgate starting"

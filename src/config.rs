@@ -13,6 +13,9 @@ use std::time::Duration;
 /// Environment variable that supplies the admin key (overrides `admin.key`).
 pub const ENV_ADMIN_KEY: &str = "NEXTGATE_ADMIN_KEY";
 
+/// Environment variable that supplies the hub's signing secret (overrides `hub.secret`).
+pub const ENV_HUB_SECRET: &str = "NEXTGATE_HUB_SECRET";
+
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,6 +68,8 @@ pub struct FileConfig {
     pub proxy: ProxyFile,
     /// `[health]`
     pub health: HealthFile,
+    /// `[hub]`
+    pub hub: HubFile,
     /// `[log]`
     pub log: LogFile,
 }
@@ -75,6 +80,8 @@ pub struct FileConfig {
 pub struct ServerFile {
     /// Worker threads per service; 0 means one per CPU.
     pub threads: usize,
+    /// Let idle worker threads steal tasks from busy ones (Tokio work stealing).
+    pub work_stealing: bool,
     /// Directory for registrations, the generated admin key, pid file and upgrade socket.
     pub state_dir: String,
     /// Time between SIGTERM and the start of the final shutdown step.
@@ -91,6 +98,7 @@ impl Default for ServerFile {
     fn default() -> Self {
         Self {
             threads: 0,
+            work_stealing: true,
             state_dir: "nextgate-state".into(),
             grace_period: "1s".into(),
             shutdown_timeout: "5s".into(),
@@ -108,6 +116,8 @@ pub struct ListenFile {
     pub proxy: String,
     /// Admin listener (registry API).
     pub admin: String,
+    /// Event hub listener (publish, subscribe, tickets); also reached through `proxy`.
+    pub events: String,
     /// Optional public HTTPS listener; empty disables it.
     pub https: String,
     /// PEM certificate chain for `https`.
@@ -121,6 +131,7 @@ impl Default for ListenFile {
         Self {
             proxy: "0.0.0.0:8080".into(),
             admin: "127.0.0.1:8081".into(),
+            events: "0.0.0.0:8082".into(),
             https: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -243,6 +254,145 @@ impl Default for HealthFile {
     }
 }
 
+/// `[hub]`: the event hub.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubFile {
+    /// HMAC secret for tickets and webhook signatures; empty means `NEXTGATE_HUB_SECRET`, else
+    /// a secret generated into the state directory.
+    pub secret: String,
+    /// Largest message in bytes.
+    pub max_message_bytes: usize,
+    /// Most channels one app may have at once.
+    pub max_channels_per_app: usize,
+    /// Messages kept per channel for replay.
+    pub buffer_messages: usize,
+    /// Longest time a message is kept for replay.
+    pub buffer_age: String,
+    /// Bytes kept per channel for replay.
+    pub buffer_bytes: usize,
+    /// Messages queued for one subscriber before it is disconnected as too slow.
+    pub subscriber_queue_messages: usize,
+    /// Bytes queued for one subscriber before it is disconnected as too slow.
+    pub subscriber_queue_bytes: usize,
+    /// SSE comment heartbeat and WebSocket ping interval.
+    pub heartbeat: String,
+    /// Most hub connections at once.
+    pub max_connections: usize,
+    /// Most channels on one multiplexed subscription.
+    pub max_multiplex: usize,
+    /// Longest channel name (the part after `{app}/`).
+    pub max_channel_name: usize,
+    /// Ticket lifetime when the request names none.
+    pub ticket_ttl: String,
+    /// Longest ticket lifetime a request may ask for.
+    pub ticket_max_ttl: String,
+}
+
+impl Default for HubFile {
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            max_message_bytes: 1024 * 1024,
+            max_channels_per_app: 10_000,
+            buffer_messages: 100,
+            buffer_age: "1h".into(),
+            buffer_bytes: 16 * 1024 * 1024,
+            subscriber_queue_messages: 1024,
+            subscriber_queue_bytes: 4 * 1024 * 1024,
+            heartbeat: "15s".into(),
+            max_connections: 16_384,
+            max_multiplex: 16,
+            max_channel_name: 128,
+            ticket_ttl: "10m".into(),
+            ticket_max_ttl: "24h".into(),
+        }
+    }
+}
+
+/// Validated `[hub]` settings.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Listener.
+    pub addr: SocketAddr,
+    /// Secret from config or environment, if any.
+    pub secret: Option<String>,
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Channels per app.
+    pub max_channels_per_app: usize,
+    /// Replay buffer: messages.
+    pub buffer_messages: usize,
+    /// Replay buffer: age.
+    pub buffer_age: Duration,
+    /// Replay buffer: bytes.
+    pub buffer_bytes: usize,
+    /// Subscriber queue: messages.
+    pub queue_messages: usize,
+    /// Subscriber queue: bytes.
+    pub queue_bytes: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Channels per multiplexed subscription.
+    pub max_multiplex: usize,
+    /// Channel name length.
+    pub max_channel_name: usize,
+    /// Default ticket lifetime.
+    pub ticket_ttl: Duration,
+    /// Longest ticket lifetime.
+    pub ticket_max_ttl: Duration,
+}
+
+impl HubFile {
+    fn validate(&self, events: &str) -> Result<HubSettings, ConfigError> {
+        let env_secret = std::env::var(ENV_HUB_SECRET).ok().filter(|k| !k.is_empty());
+        let secret = env_secret.or_else(|| Some(self.secret.clone()).filter(|k| !k.is_empty()));
+        if secret.as_ref().is_some_and(|k| k.len() < 32) {
+            return Err(invalid("hub.secret", "must be at least 32 characters"));
+        }
+        let heartbeat = duration("hub.heartbeat", &self.heartbeat)?;
+        if heartbeat < Duration::from_millis(100) {
+            return Err(invalid("hub.heartbeat", "must be at least 100ms"));
+        }
+        let ticket_ttl = duration("hub.ticket_ttl", &self.ticket_ttl)?;
+        let ticket_max_ttl = duration("hub.ticket_max_ttl", &self.ticket_max_ttl)?;
+        if ticket_ttl > ticket_max_ttl || ticket_ttl.is_zero() {
+            return Err(invalid(
+                "hub.ticket_ttl",
+                "must be above zero and at most hub.ticket_max_ttl",
+            ));
+        }
+        if !(1..=1024).contains(&self.max_channel_name) {
+            return Err(invalid(
+                "hub.max_channel_name",
+                "must be between 1 and 1024",
+            ));
+        }
+        Ok(HubSettings {
+            addr: socket_addr("listen.events", events)?,
+            secret,
+            max_message_bytes: positive("hub.max_message_bytes", self.max_message_bytes)?,
+            max_channels_per_app: positive("hub.max_channels_per_app", self.max_channels_per_app)?,
+            buffer_messages: positive("hub.buffer_messages", self.buffer_messages)?,
+            buffer_age: duration("hub.buffer_age", &self.buffer_age)?,
+            buffer_bytes: positive("hub.buffer_bytes", self.buffer_bytes)?,
+            queue_messages: positive(
+                "hub.subscriber_queue_messages",
+                self.subscriber_queue_messages,
+            )?,
+            queue_bytes: positive("hub.subscriber_queue_bytes", self.subscriber_queue_bytes)?,
+            heartbeat,
+            max_connections: positive("hub.max_connections", self.max_connections)?,
+            max_multiplex: positive("hub.max_multiplex", self.max_multiplex)?,
+            max_channel_name: self.max_channel_name,
+            ticket_ttl,
+            ticket_max_ttl,
+        })
+    }
+}
+
 /// `[log]`: logging.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -313,6 +463,8 @@ pub struct TlsListener {
 pub struct Settings {
     /// Worker threads per service.
     pub threads: usize,
+    /// Tokio work stealing between worker threads.
+    pub work_stealing: bool,
     /// State directory.
     pub state_dir: PathBuf,
     /// SIGTERM grace period.
@@ -369,6 +521,8 @@ pub struct Settings {
     pub healthy_threshold: usize,
     /// Consecutive failures to become unhealthy.
     pub unhealthy_threshold: usize,
+    /// Event hub.
+    pub hub: HubSettings,
     /// Log filter.
     pub log_level: String,
     /// Log format.
@@ -556,6 +710,7 @@ impl Settings {
 
         Ok(Settings {
             threads,
+            work_stealing: f.server.work_stealing,
             state_dir,
             grace_period: duration("server.grace_period", &f.server.grace_period)?,
             shutdown_timeout: duration("server.shutdown_timeout", &f.server.shutdown_timeout)?,
@@ -587,6 +742,7 @@ impl Settings {
                 "health.unhealthy_threshold",
                 f.health.unhealthy_threshold,
             )?,
+            hub: f.hub.validate(&f.listen.events)?,
             log_level: f.log.level,
             log_format,
             access_log: f.log.access,
@@ -651,6 +807,11 @@ mod tests {
             ("[listen]\nhttps = \"0.0.0.0:8443\"", "listen.tls_cert"),
             ("[admin]\nkey = \"short\"", "admin.key"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            ("[listen]\nevents = \"x\"", "listen.events"),
+            ("[hub]\nheartbeat = \"1ms\"", "hub.heartbeat"),
+            ("[hub]\nticket_ttl = \"48h\"", "hub.ticket_ttl"),
+            ("[hub]\nsecret = \"short\"", "hub.secret"),
+            ("[hub]\nbuffer_messages = 0", "hub.buffer_messages"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text);

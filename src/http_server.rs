@@ -1,10 +1,9 @@
-//! Serving a hyper 1 handler on a Pingora listener, so the admin API (and later the event hub)
-//! take part in Pingora's listeners, graceful shutdown and upgrades.
+//! Serving a hyper 1 handler on a Pingora listener, so the admin API and the event hub take part in Pingora's listeners, graceful shutdown and upgrades.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pingora_core::apps::ServerApp;
@@ -15,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Response body type of handlers.
-pub type Body = BoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Time a client has to send a complete request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,8 +22,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// An HTTP request handler.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Answer one request.
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body>;
+    /// Answer one request; `shutdown` flips when the gateway stops (for long-lived responses).
+    async fn handle(&self, req: Request<Incoming>, shutdown: &ShutdownWatch) -> Response<Body>;
+}
+
+/// The credential of `Authorization: Bearer ...`, if any.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// A Pingora [`ServerApp`] running a [`Handler`] with hyper's HTTP/1 server.
@@ -58,16 +64,20 @@ impl<H: Handler> ServerApp for HyperApp<H> {
             return None;
         };
         let handler = self.handler.clone();
+        let watch = shutdown.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.handle(req).await) }
+            let watch = watch.clone();
+            async move { Ok::<_, Infallible>(handler.handle(req, &watch).await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(self.max_header_bytes.max(8192));
-        let conn = builder.serve_connection(TokioIo::new(session), service);
+        let conn = builder
+            .serve_connection(TokioIo::new(session), service)
+            .with_upgrades();
         tokio::pin!(conn);
         let mut shutdown = shutdown.clone();
         tokio::select! {

@@ -1,4 +1,5 @@
-//! nextgate, the NextDeveloper API Gateway: an edge proxy on Pingora with an app registry.
+//! nextgate, the NextDeveloper API Gateway: an edge proxy on Pingora with an app registry
+//! and an event hub.
 //!
 //! # Layout
 //! - [`config`]: the TOML file's structs, defaults and validation into [`config::Settings`].
@@ -9,6 +10,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp` that routes by app name ([`proxy::route`] is pure).
 //! - [`admin`]: the registry's HTTP API on the admin listener.
 //! - [`http_server`]: hyper handlers served on Pingora listeners.
+//! - [`hub`]: the event hub: channels, publish, WebSocket and SSE subscribers, replay, tickets.
 //! - [`error`]: errors at the HTTP edge as status + JSON.
 
 pub mod admin;
@@ -16,6 +18,7 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod http_server;
+pub mod hub;
 pub mod proxy;
 pub mod registry;
 pub mod upstream;

@@ -51,6 +51,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Access log lines.
     pub access_log: bool,
+    /// The event hub's listener, where `{prefix}/events/` requests are forwarded.
+    pub hub_addr: SocketAddr,
 }
 
 /// Per-request state.
@@ -72,6 +74,8 @@ pub struct RequestCtx {
     pub backend: Option<Arc<BackendInfo>>,
     /// Upgrade or event-stream request: no upstream read timeout.
     pub long_lived: bool,
+    /// For the gateway's own event hub.
+    pub hub: bool,
 }
 
 /// The gateway's proxy logic.
@@ -151,6 +155,10 @@ impl ProxyHttp for Gateway {
         RequestCtx::default()
     }
 
+    /// No downstream modules: Pingora's default adds a (disabled) response compression module
+    /// whose per-request context and filter calls cost CPU on every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
     async fn early_request_filter(
         &self,
         _session: &mut Session,
@@ -177,12 +185,26 @@ impl ProxyHttp for Gateway {
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri.host());
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let long_lived = session.is_upgrade_req()
+            || req
+                .headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("text/event-stream"));
         let (name, upstream_path) = match route::route(host, path, &self.cfg.route) {
             Route::App {
                 name,
                 upstream_path,
             } => (name.to_ascii_lowercase(), upstream_path),
-            Route::Events | Route::NotFound => {
+            Route::Events => {
+                ctx.hub = true;
+                ctx.long_lived = long_lived;
+                if long_lived {
+                    session.set_read_timeout(None);
+                }
+                return Ok(false);
+            }
+            Route::NotFound => {
                 let body = json_error_body("no route matches this request", None);
                 self.respond(session, ctx, 404, body, false).await?;
                 return Ok(true);
@@ -193,12 +215,7 @@ impl ProxyHttp for Gateway {
             self.respond(session, ctx, 404, body, false).await?;
             return Ok(true);
         };
-        let accept_sse = req
-            .headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("text/event-stream"));
-        ctx.long_lived = session.is_upgrade_req() || accept_sse;
+        ctx.long_lived = long_lived;
         if ctx.long_lived {
             // An open WebSocket or event stream may be quiet for long: no client idle cut-off.
             session.set_read_timeout(None);
@@ -213,6 +230,16 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.hub {
+            let mut peer = HttpPeer::new(self.cfg.hub_addr, false, String::new());
+            let o = &mut peer.options;
+            o.connection_timeout = Some(self.cfg.connect_timeout);
+            o.read_timeout = (!ctx.long_lived).then_some(self.cfg.read_timeout);
+            o.write_timeout = Some(self.cfg.write_timeout);
+            o.idle_timeout = Some(self.cfg.idle_timeout);
+            ctx.tried.push(self.cfg.hub_addr);
+            return Ok(Box::new(peer));
+        }
         let Some(app) = ctx.app.as_ref() else {
             return Err(Error::explain(
                 ErrorType::InternalError,

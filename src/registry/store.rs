@@ -129,25 +129,31 @@ impl FileStore {
     }
 
     fn save_blocking(path: &Path, apps: Vec<AppRecord>) -> Result<(), StoreError> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = path.with_extension("json.tmp");
         let state = StateFile {
             version: FORMAT_VERSION,
             apps,
         };
         let body = serde_json::to_vec_pretty(&state)
             .map_err(|e| StoreError::Task(format!("encoding registry: {e}")))?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(Self::io("creating", &tmp))?;
-            f.write_all(&body).map_err(Self::io("writing", &tmp))?;
-            f.sync_all().map_err(Self::io("syncing", &tmp))?;
-        }
-        std::fs::rename(&tmp, path).map_err(Self::io("renaming into", path))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Self::io("syncing directory", dir))?;
-        Ok(())
+        write_atomic(path, &body)
     }
+}
+
+/// Replace `path` with `body` durably: write a temporary file, fsync it, rename it over
+/// `path`, fsync the directory. After a crash the file holds the old or the new body, whole.
+pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(FileStore::io("creating", &tmp))?;
+        f.write_all(body).map_err(FileStore::io("writing", &tmp))?;
+        f.sync_all().map_err(FileStore::io("syncing", &tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(FileStore::io("renaming into", path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(FileStore::io("syncing directory", dir))?;
+    Ok(())
 }
 
 #[async_trait]

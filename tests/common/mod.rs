@@ -34,6 +34,7 @@ pub fn free_port() -> u16 {
 pub struct Gateway {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    pub events: SocketAddr,
     pub state: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
@@ -60,7 +61,9 @@ impl Gateway {
         let state = tempfile::tempdir().expect("state dir");
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut listen = format!("[listen]\nproxy = \"{proxy}\"\nadmin = \"{admin}\"\n");
+        let events: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut listen =
+            format!("[listen]\nproxy = \"{proxy}\"\nadmin = \"{admin}\"\nevents = \"{events}\"\n");
         listen_extra(&mut listen);
         let key = admin_key.map_or(String::new(), |k| format!("[admin]\nkey = \"{k}\"\n"));
         let text = format!(
@@ -73,6 +76,7 @@ impl Gateway {
         let mut gw = Gateway {
             proxy,
             admin,
+            events,
             state,
             config,
             child: None,
@@ -121,7 +125,8 @@ impl Gateway {
             }
             let admin_ok = matches!(client.get(&url).send().await, Ok(r) if r.status() == 200);
             let proxy_ok = tokio::net::TcpStream::connect(self.proxy).await.is_ok();
-            if admin_ok && proxy_ok {
+            let events_ok = tokio::net::TcpStream::connect(self.events).await.is_ok();
+            if admin_ok && proxy_ok && events_ok {
                 return;
             }
             assert!(
@@ -192,6 +197,10 @@ impl Gateway {
 
     pub fn proxy_url(&self, path: &str) -> String {
         format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn events_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.events, path)
     }
 
     /// Register `name` with JSON; panics unless 200/201.

@@ -1,0 +1,615 @@
+//! The hub's HTTP surface, under `{prefix}/events/` on the events listener (and through the
+//! public proxy listener, which forwards `{prefix}/events/` here).
+//!
+//! | method | path | credential |
+//! |---|---|---|
+//! | POST | `pub/{app}/{channel}` | owner's token or admin key: publish the body |
+//! | GET | `pub/{app}/{channel}` | same: channel info, or a WebSocket upgrade to publish frames |
+//! | DELETE | `pub/{app}/{channel}` | same: delete the channel, ending its subscribers |
+//! | GET | `sub/{app}/{channel}`, `sub?channels=a/x,b/y` | ticket, any app's token, or none for public channels: WebSocket or SSE |
+//! | POST | `tickets` | an app's token: `{"channels": [...], "ttl": "10m"}` |
+//! | PUT, DELETE | `public/{app}/{channel}` | owner's token or admin key: declare public or not |
+//! | GET | `public/{app}` | same: the app's public channels |
+//!
+//! Credentials travel as `Authorization: Bearer ...`; a ticket also as `?ticket=`. Which app a
+//! token belongs to is the `X-Nextgate-App` header when sent, else the owner of each channel.
+
+use super::channel::ChannelInfo;
+use super::sse::SseBody;
+use super::store::HubStore;
+use super::ticket::{self, Claims, Signer, TicketError};
+use super::{ws, ChannelName, Hub, HubError, Resume};
+use crate::error::ApiError;
+use crate::http_server::{bearer, Body, Handler};
+use crate::registry::token::AdminKey;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use pingora_core::server::ShutdownWatch;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Header naming the app whose token is presented.
+pub const APP_HEADER: &str = "x-nextgate-app";
+
+/// The hub API.
+pub struct HubApi {
+    hub: Arc<Hub>,
+    store: Arc<HubStore>,
+    signer: Signer,
+    admin_key: AdminKey,
+    prefix: String,
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        let msg = e.to_string();
+        match e {
+            HubError::Invalid { field, .. } => ApiError::field(StatusCode::BAD_REQUEST, field, msg),
+            HubError::UnknownApp(_) | HubError::NoChannel(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, msg)
+            }
+            HubError::TooLarge { .. } => {
+                ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "message", msg)
+            }
+            HubError::TooManyChannels { .. } => {
+                ApiError::field(StatusCode::TOO_MANY_REQUESTS, "channel", msg)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SubQuery {
+    channels: Option<String>,
+    last_event_id: Option<String>,
+    meta: Option<String>,
+    ticket: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TicketRequest {
+    channels: Vec<String>,
+    ttl: Option<String>,
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn json_value<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn wants_text(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/plain") && !a.contains("json"))
+}
+
+fn info_response(status: StatusCode, headers: &HeaderMap, info: &ChannelInfo) -> Response<Body> {
+    if wants_text(headers) {
+        let mut r = json(status, info.to_text());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    } else {
+        json_value(status, info)
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+fn is_truthy(v: Option<&str>) -> bool {
+    matches!(v, Some("1" | "true" | "yes" | "on" | ""))
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    header_str(headers, "accept").is_some_and(|a| a.contains("text/event-stream"))
+}
+
+impl HubApi {
+    /// The API over `hub`; `mount_prefix` is the proxy's (e.g. `/v3`).
+    pub fn new(
+        hub: Arc<Hub>,
+        store: Arc<HubStore>,
+        signer: Signer,
+        admin_key: AdminKey,
+        mount_prefix: &str,
+    ) -> Self {
+        Self {
+            hub,
+            store,
+            signer,
+            admin_key,
+            prefix: format!("{mount_prefix}/events/"),
+        }
+    }
+
+    /// Admin key or the token of `app`.
+    fn require_owner(&self, headers: &HeaderMap, app: &str) -> Result<(), ApiError> {
+        let Some(cred) = bearer(headers) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("credential required: send `Authorization: Bearer TOKEN` with the token of `{app}`"),
+            ));
+        };
+        if self.admin_key.verify(cred) {
+            return Ok(());
+        }
+        match self.hub.registry.get(app) {
+            None => Err(HubError::UnknownApp(app.to_string()).into()),
+            Some(a) if a.verify_token(cred) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("only `{app}` (its token) or the admin may do this"),
+            )),
+        }
+    }
+
+    /// Who a token belongs to: `X-Nextgate-App` when sent, else the owner of every channel.
+    fn token_app(
+        &self,
+        headers: &HeaderMap,
+        cred: &str,
+        names: &[ChannelName],
+    ) -> Result<Option<String>, ApiError> {
+        if self.admin_key.verify(cred) {
+            return Ok(None);
+        }
+        let denied =
+            |who: &str| ApiError::new(StatusCode::FORBIDDEN, format!("the token is not `{who}`'s"));
+        if let Some(app) = header_str(headers, APP_HEADER) {
+            return match self.hub.registry.get(app) {
+                Some(a) if a.verify_token(cred) => Ok(Some(app.to_string())),
+                Some(_) => Err(denied(app)),
+                None => Err(HubError::UnknownApp(app.to_string()).into()),
+            };
+        }
+        for n in names {
+            match self.hub.registry.get(n.app()) {
+                Some(a) if a.verify_token(cred) => {}
+                Some(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "the token is not `{}`'s; to use another app's token, name it in `{APP_HEADER}`",
+                            n.app()
+                        ),
+                    ))
+                }
+                None => return Err(HubError::UnknownApp(n.app().to_string()).into()),
+            }
+        }
+        Ok(names.first().map(|n| n.app().to_string()))
+    }
+
+    fn authorize_subscribe(
+        &self,
+        headers: &HeaderMap,
+        query_ticket: Option<&str>,
+        names: &[ChannelName],
+    ) -> Result<(), ApiError> {
+        let cred = query_ticket.or_else(|| bearer(headers));
+        match cred {
+            Some(t) if t.starts_with(ticket::PREFIX) => {
+                let claims = self.signer.verify(t, unix_now()).map_err(|e| {
+                    let msg = match e {
+                        TicketError::Expired => "ticket has expired: ask the app for a new one",
+                        TicketError::BadSignature => "ticket signature is not valid",
+                        TicketError::Malformed => "ticket is malformed",
+                    };
+                    ApiError::field(StatusCode::UNAUTHORIZED, "ticket", msg)
+                })?;
+                if !claims.app.is_empty() && self.hub.registry.get(&claims.app).is_none() {
+                    return Err(ApiError::field(
+                        StatusCode::UNAUTHORIZED,
+                        "ticket",
+                        "the app that issued this ticket is no longer registered",
+                    ));
+                }
+                if let Some(n) = names
+                    .iter()
+                    .find(|n| !claims.channels.iter().any(|c| c == n.as_str()))
+                {
+                    return Err(ApiError::field(
+                        StatusCode::FORBIDDEN,
+                        "ticket",
+                        format!("the ticket does not cover `{}`", n.as_str()),
+                    ));
+                }
+                Ok(())
+            }
+            Some(cred) => self.token_app(headers, cred, names).map(drop),
+            None => match names.iter().find(|n| !self.store.is_public(n.as_str())) {
+                None => Ok(()),
+                Some(n) => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "`{}` is not public: subscribe with a ticket or an app token",
+                        n.as_str()
+                    ),
+                )),
+            },
+        }
+    }
+
+    async fn read_message(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let limit = self.hub.settings.max_message_bytes;
+        let too_large = |size: usize| ApiError::from(HubError::TooLarge { size, limit });
+        let declared =
+            header_str(req.headers(), "content-length").and_then(|v| v.parse::<usize>().ok());
+        if let Some(n) = declared.filter(|&n| n > limit) {
+            return Err(too_large(n));
+        }
+        match Limited::new(req.into_body(), limit).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit + 1)),
+            Err(e) => Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "message",
+                format!("cannot read the message: {e}"),
+            )),
+        }
+    }
+
+    async fn publish(
+        &self,
+        req: Request<Incoming>,
+        name: ChannelName,
+    ) -> Result<Response<Body>, ApiError> {
+        self.require_owner(req.headers(), name.app())?;
+        let headers = req.headers().clone();
+        let content_type =
+            header_str(&headers, "content-type").map(|c| c.chars().take(255).collect::<String>());
+        let event = header_str(&headers, "x-event-type")
+            .or_else(|| header_str(&headers, "x-eventsource-event"));
+        if let Some(e) = event {
+            super::check_event_name(e)?;
+        }
+        let event = event.map(str::to_string);
+        let data = self.read_message(req).await?;
+        let p = self
+            .hub
+            .publish(&name, data, content_type.as_deref(), event.as_deref())?;
+        let status = if p.offered > 0 {
+            StatusCode::CREATED
+        } else {
+            StatusCode::ACCEPTED
+        };
+        Ok(info_response(status, &headers, &p.info))
+    }
+
+    async fn pub_path(
+        &self,
+        mut req: Request<Incoming>,
+        name: &str,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Response<Body>, ApiError> {
+        let name = self.hub.channel_name(name)?;
+        match *req.method() {
+            Method::POST | Method::PUT => self.publish(req, name).await,
+            Method::GET | Method::HEAD => {
+                self.require_owner(req.headers(), name.app())?;
+                if fastwebsockets::upgrade::is_upgrade_request(&req) {
+                    self.hub.get_or_create(&name)?;
+                    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("bad websocket upgrade: {e}"),
+                        )
+                    })?;
+                    tokio::spawn(ws::serve_publisher(
+                        fut,
+                        self.hub.clone(),
+                        name,
+                        shutdown.clone(),
+                    ));
+                    return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
+                }
+                match self.hub.info(&name) {
+                    Some(info) => Ok(info_response(StatusCode::OK, req.headers(), &info)),
+                    None => Err(HubError::NoChannel(name.as_str().to_string()).into()),
+                }
+            }
+            Method::DELETE => {
+                self.require_owner(req.headers(), name.app())?;
+                let info = self.hub.info(&name);
+                match info {
+                    Some(info) if self.hub.delete(&name) => {
+                        Ok(info_response(StatusCode::OK, req.headers(), &info))
+                    }
+                    _ => Err(HubError::NoChannel(name.as_str().to_string()).into()),
+                }
+            }
+            _ => Err(method_not_allowed("GET, POST, DELETE")),
+        }
+    }
+
+    async fn sub_path(
+        &self,
+        mut req: Request<Incoming>,
+        path_channel: Option<&str>,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Response<Body>, ApiError> {
+        if !matches!(*req.method(), Method::GET) {
+            return Err(method_not_allowed("GET"));
+        }
+        let q: SubQuery = match req.uri().query() {
+            Some(q) => serde_urlencoded::from_str(q).map_err(|e| {
+                ApiError::field(StatusCode::BAD_REQUEST, "query", format!("bad query: {e}"))
+            })?,
+            None => SubQuery::default(),
+        };
+        let mut names = Vec::new();
+        if let Some(c) = path_channel {
+            names.push(self.hub.channel_name(c)?);
+        }
+        if let Some(list) = q.channels.as_deref() {
+            for c in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                names.push(self.hub.channel_name(c)?);
+            }
+        }
+        if names.is_empty() {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "channels",
+                "name a channel: sub/{app}/{channel} or ?channels=app/a,app/b",
+            ));
+        }
+        self.authorize_subscribe(req.headers(), q.ticket.as_deref(), &names)?;
+        let resume_text = header_str(req.headers(), "last-event-id")
+            .map(str::to_string)
+            .or(q.last_event_id);
+        let resume = match resume_text.as_deref() {
+            Some(t) => Resume::parse(t, names.len())?,
+            None => Resume::Live,
+        };
+        if self.hub.subscriber_count() >= self.hub.settings.max_connections as u64 {
+            let mut r = crate::admin::error_json(&ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the hub is at its subscriber limit; try again later",
+            ));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return Ok(r);
+        }
+        // Frames of a multiplexed subscription must say their channel: always meta.
+        let meta = is_truthy(q.meta.as_deref()) || names.len() > 1;
+        let heartbeat = self.hub.settings.heartbeat;
+        if fastwebsockets::upgrade::is_upgrade_request(&req) {
+            let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad websocket upgrade: {e}"),
+                )
+            })?;
+            let sub = self.hub.subscribe(names, &resume)?;
+            tokio::spawn(ws::serve_subscriber(
+                fut,
+                sub,
+                meta,
+                heartbeat,
+                shutdown.clone(),
+            ));
+            return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
+        }
+        if !wants_sse(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "subscribe with a WebSocket upgrade or with `Accept: text/event-stream`",
+            ));
+        }
+        let sub = self.hub.subscribe(names, &resume)?;
+        let body = SseBody::new(sub, meta, heartbeat, shutdown.clone());
+        let mut resp = Response::new(body.boxed_unsync());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        Ok(resp)
+    }
+
+    async fn tickets(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        if req.method() != Method::POST {
+            return Err(method_not_allowed("POST"));
+        }
+        let headers = req.headers().clone();
+        let Some(cred) = bearer(&headers).map(str::to_string) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "send the app's token as `Authorization: Bearer TOKEN`",
+            ));
+        };
+        let body = Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|_| {
+                ApiError::field(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body",
+                    "ticket requests are at most 64 KiB",
+                )
+            })?
+            .to_bytes();
+        let r: TicketRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("expected {{\"channels\": [...], \"ttl\": \"10m\"}}: {e}"),
+            )
+        })?;
+        if r.channels.is_empty() || r.channels.len() > 64 {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "channels",
+                "name 1 to 64 channels",
+            ));
+        }
+        let names = r
+            .channels
+            .iter()
+            .map(|c| self.hub.channel_name(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let app = self.token_app(&headers, &cred, &names)?;
+        let ttl = match r.ttl.as_deref() {
+            None => self.hub.settings.ticket_ttl,
+            Some(t) => humantime::parse_duration(t).map_err(|e| {
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "ttl",
+                    format!("`{t}` is not a duration like \"10m\": {e}"),
+                )
+            })?,
+        };
+        if ttl.is_zero() || ttl > self.hub.settings.ticket_max_ttl {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "ttl",
+                format!(
+                    "ttl must be above zero and at most {}",
+                    humantime::format_duration(self.hub.settings.ticket_max_ttl)
+                ),
+            ));
+        }
+        let expires = unix_now() + ttl.as_secs().max(1);
+        let claims = Claims {
+            app: app.unwrap_or_default(),
+            channels: names.iter().map(|n| n.as_str().to_string()).collect(),
+            expires,
+        };
+        let t = self.signer.issue(&claims);
+        let expires_at =
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(expires))
+                .to_string();
+        Ok(json_value(
+            StatusCode::CREATED,
+            &serde_json::json!({"ticket": t, "channels": claims.channels, "expires_at": expires_at}),
+        ))
+    }
+
+    async fn public(&self, req: Request<Incoming>, rest: &str) -> Result<Response<Body>, ApiError> {
+        if !rest.contains('/') {
+            if req.method() != Method::GET {
+                return Err(method_not_allowed("GET"));
+            }
+            crate::registry::validate::name(rest)
+                .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "app", e.to_string()))?;
+            self.require_owner(req.headers(), rest)?;
+            return Ok(json_value(
+                StatusCode::OK,
+                &serde_json::json!({"public": self.store.public_of(rest)}),
+            ));
+        }
+        let name = self.hub.channel_name(rest)?;
+        self.require_owner(req.headers(), name.app())?;
+        let public = match *req.method() {
+            Method::PUT => true,
+            Method::DELETE => false,
+            _ => return Err(method_not_allowed("PUT, DELETE")),
+        };
+        self.store
+            .set_public(name.as_str(), public)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "hub state could not be saved");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "hub state could not be saved; nothing was changed",
+                )
+            })?;
+        Ok(json_value(
+            StatusCode::OK,
+            &serde_json::json!({"channel": name.as_str(), "public": public}),
+        ))
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Response<Body>, ApiError> {
+        let path = req.uri().path().to_string();
+        if path == "/healthz" {
+            return Ok(json_value(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "channels": self.hub.channel_count(), "subscribers": self.hub.subscriber_count()}),
+            ));
+        }
+        let not_found = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no such endpoint `{}`",
+                    path.chars().take(200).collect::<String>()
+                ),
+            )
+        };
+        let rest = path
+            .strip_prefix(&self.prefix)
+            .or_else(|| {
+                path.strip_prefix(self.prefix.trim_end_matches('/'))
+                    .filter(|r| r.is_empty())
+            })
+            .ok_or_else(not_found)?;
+        let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        match head {
+            "pub" => self.pub_path(req, tail, shutdown).await,
+            "sub" if tail.is_empty() => self.sub_path(req, None, shutdown).await,
+            "sub" => self.sub_path(req, Some(tail), shutdown).await,
+            "tickets" if tail.is_empty() => self.tickets(req).await,
+            "public" if !tail.is_empty() => self.public(req, tail).await,
+            _ => Err(not_found()),
+        }
+    }
+}
+
+fn method_not_allowed(allow: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed here; allowed: {allow}"),
+    )
+}
+
+#[async_trait]
+impl Handler for HubApi {
+    async fn handle(&self, req: Request<Incoming>, shutdown: &ShutdownWatch) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        match self.route(req, shutdown).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%method, %path, status = e.status.as_u16(), error = %e.error, "hub request refused");
+                crate::admin::error_json(&e)
+            }
+        }
+    }
+}
