@@ -7,6 +7,7 @@ use crate::http_server::HyperApp;
 use crate::hub::api::HubApi;
 use crate::hub::store::HubStore;
 use crate::hub::ticket::Signer;
+use crate::hub::webhook::{WebhookSettings, Webhooks};
 use crate::hub::Hub;
 use crate::proxy::route::RouteConfig;
 use crate::proxy::{Gateway, ProxyConfig};
@@ -243,12 +244,25 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
 
     let hub_store = Arc::new(HubStore::open(&settings.state_dir)?);
     let hub = Hub::new(settings.hub.clone(), registry.clone());
+    let signer = Signer::new(hub_secret.as_bytes());
+    let (webhook_tx, webhook_rx) = tokio::sync::mpsc::unbounded_channel();
+    let webhooks = Webhooks::new(
+        hub.clone(),
+        signer.clone(),
+        WebhookSettings {
+            timeout: settings.hub.webhook_timeout,
+            max_backoff: settings.hub.webhook_max_backoff,
+        },
+        hub_store.subscriptions(),
+        webhook_rx,
+    );
     let hub_api = Arc::new(HubApi::new(
         hub.clone(),
         hub_store,
-        Signer::new(hub_secret.as_bytes()),
+        signer,
         AdminKey::new(&key),
         &settings.mount_prefix,
+        webhook_tx,
     ));
     let mut events = Service::new(
         "events".to_string(),
@@ -264,6 +278,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     server.add_service(admin);
     server.add_service(events);
     server.add_service(background_service("hub sweeper", HubSweeper { hub }));
+    server.add_service(background_service("webhooks", webhooks));
     if active_checks {
         let mut checker = HealthCheckService::new(health);
         checker.health_check_frequency = Some(settings.health_interval);

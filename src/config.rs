@@ -287,6 +287,10 @@ pub struct HubFile {
     pub ticket_ttl: String,
     /// Longest ticket lifetime a request may ask for.
     pub ticket_max_ttl: String,
+    /// Timeout of one webhook delivery attempt.
+    pub webhook_timeout: String,
+    /// Longest pause between webhook retries (the backoff doubles from 100ms up to this).
+    pub webhook_max_backoff: String,
 }
 
 impl Default for HubFile {
@@ -306,6 +310,8 @@ impl Default for HubFile {
             max_channel_name: 128,
             ticket_ttl: "10m".into(),
             ticket_max_ttl: "24h".into(),
+            webhook_timeout: "5s".into(),
+            webhook_max_backoff: "10s".into(),
         }
     }
 }
@@ -343,6 +349,10 @@ pub struct HubSettings {
     pub ticket_ttl: Duration,
     /// Longest ticket lifetime.
     pub ticket_max_ttl: Duration,
+    /// Webhook attempt timeout.
+    pub webhook_timeout: Duration,
+    /// Longest webhook backoff.
+    pub webhook_max_backoff: Duration,
 }
 
 impl HubFile {
@@ -389,6 +399,8 @@ impl HubFile {
             max_channel_name: self.max_channel_name,
             ticket_ttl,
             ticket_max_ttl,
+            webhook_timeout: duration("hub.webhook_timeout", &self.webhook_timeout)?,
+            webhook_max_backoff: duration("hub.webhook_max_backoff", &self.webhook_max_backoff)?,
         })
     }
 }

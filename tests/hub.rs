@@ -885,3 +885,238 @@ async fn websocket_publisher_replies_and_reports_errors() {
     publisher.send(WsMessage::Close(None)).await.expect("close");
     let _ = CloseCode::Normal;
 }
+
+/// A receiving app for webhooks: fails the first `fail` POSTs with 500, records the rest.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    got: std::sync::Arc<parking_lot_free::Log>,
+}
+
+mod parking_lot_free {
+    /// Deliveries recorded by the receiver: (event id, channel, signature, body).
+    #[derive(Default)]
+    pub struct Log {
+        pub attempts: std::sync::atomic::AtomicUsize,
+        pub delivered: std::sync::Mutex<Vec<(String, String, String, String)>>,
+    }
+}
+
+async fn receiver(fail: usize) -> Receiver {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let got = std::sync::Arc::new(parking_lot_free::Log::default());
+    let log = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            let (id, chan, sig, path) = (
+                                h("x-nextgate-event-id"),
+                                h("x-nextgate-channel"),
+                                h("x-nextgate-signature"),
+                                req.uri().path().to_string(),
+                            );
+                            let body = String::from_utf8(
+                                req.into_body()
+                                    .collect()
+                                    .await
+                                    .expect("body")
+                                    .to_bytes()
+                                    .to_vec(),
+                            )
+                            .expect("utf-8");
+                            let n = log.attempts.fetch_add(1, Ordering::SeqCst);
+                            let status = if path != "/hooks/orders" {
+                                404
+                            } else if n < fail {
+                                500
+                            } else {
+                                log.delivered
+                                    .lock()
+                                    .expect("lock")
+                                    .push((id, chan, sig, body));
+                                200
+                            };
+                            let mut r = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"ok"),
+                            ));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Receiver { addr, got }
+}
+
+async fn wait_for(rx: &Receiver, gw: &Gateway, n: usize) {
+    for _ in 0..200 {
+        if rx.got.delivered.lock().expect("lock").len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{n} webhook deliveries did not arrive; log:\n{}",
+        gw.log_text()
+    );
+}
+
+fn hmac_hex(key: &str, msg: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("key");
+    m.update(msg);
+    hex::encode(m.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn webhook_delivery_in_order_with_retries_signed_and_kept_across_restarts() {
+    let mut gw = Gateway::start("[hub]\nwebhook_max_backoff = \"200ms\"\n").await;
+    let rx = receiver(3).await;
+    gw.register("shop", &["http://127.0.0.1:9".into()], TOKEN_A)
+        .await;
+    gw.register("bill", &[format!("http://{}", rx.addr)], TOKEN_B)
+        .await;
+    // `bill` subscribes to `shop`'s channel with its own token.
+    let r = client()
+        .post(gw.events_url("/v3/events/subscriptions"))
+        .bearer_auth(TOKEN_B)
+        .header("x-nextgate-app", "bill")
+        .json(&serde_json::json!({"channel": "shop/orders", "path": "/hooks/orders"}))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(r.status(), 201);
+    let sub: Value = r.json().await.expect("json");
+    let secret = sub["signing_secret"].as_str().expect("secret").to_string();
+    let id = sub["id"].as_str().expect("id").to_string();
+    assert_eq!(sub["app"], "bill");
+    // Bad requests.
+    for (body, field) in [
+        (
+            serde_json::json!({"channel": "shop/orders", "path": "no-slash"}),
+            "path",
+        ),
+        (
+            serde_json::json!({"channel": "bad", "path": "/x"}),
+            "channel",
+        ),
+        (serde_json::json!({"channel": "shop/orders"}), "body"),
+    ] {
+        let r = client()
+            .post(gw.events_url("/v3/events/subscriptions"))
+            .bearer_auth(TOKEN_B)
+            .header("x-nextgate-app", "bill")
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["field"], field, "{v}");
+    }
+
+    for i in 0..5 {
+        let (s, _) = publish(&gw, "shop/orders", &format!("order {i}")).await;
+        assert_eq!(s, StatusCode::CREATED, "the webhook counts as a subscriber");
+    }
+    wait_for(&rx, &gw, 5).await;
+    {
+        let d = rx.got.delivered.lock().expect("lock");
+        let bodies: Vec<&str> = d.iter().map(|x| x.3.as_str()).collect();
+        assert_eq!(
+            bodies,
+            (0..5)
+                .map(|i| format!("order {i}"))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
+        for (eid, chan, sig, body) in d.iter() {
+            assert_eq!(chan, "shop/orders");
+            let (t, v1) = sig.split_once(",v1=").expect("signature format");
+            let t = t.strip_prefix("t=").expect("t=");
+            let want = hmac_hex(&secret, format!("{t}.{eid}.{chan}.{body}").as_bytes());
+            assert_eq!(v1, want, "signature verifies with the signing secret");
+        }
+    }
+    assert_eq!(
+        rx.got.attempts.load(std::sync::atomic::Ordering::SeqCst),
+        8,
+        "3 failures, then 5 deliveries"
+    );
+
+    // The subscription survives a restart and keeps delivering.
+    gw.restart().await;
+    publish(&gw, "shop/orders", "after restart").await;
+    wait_for(&rx, &gw, 6).await;
+    assert_eq!(rx.got.delivered.lock().expect("lock")[5].3, "after restart");
+    let r = client()
+        .get(gw.events_url("/v3/events/subscriptions"))
+        .bearer_auth(TOKEN_B)
+        .header("x-nextgate-app", "bill")
+        .send()
+        .await
+        .expect("list");
+    let list: Value = r.json().await.expect("json");
+    assert_eq!(list["subscriptions"][0]["id"], id.as_str());
+    // Only the receiving app (or the admin) may remove it.
+    let url = gw.events_url(&format!("/v3/events/subscriptions/{id}"));
+    assert_eq!(
+        client()
+            .delete(&url)
+            .bearer_auth(TOKEN_A)
+            .send()
+            .await
+            .expect("delete")
+            .status(),
+        403
+    );
+    assert_eq!(
+        client()
+            .delete(&url)
+            .bearer_auth(TOKEN_B)
+            .send()
+            .await
+            .expect("delete")
+            .status(),
+        204
+    );
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth(TOKEN_B)
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        404
+    );
+    publish(&gw, "shop/orders", "after removal").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.got.delivered.lock().expect("lock").len(), 6);
+}

@@ -10,6 +10,9 @@
 //! | POST | `tickets` | an app's token: `{"channels": [...], "ttl": "10m"}` |
 //! | PUT, DELETE | `public/{app}/{channel}` | owner's token or admin key: declare public or not |
 //! | GET | `public/{app}` | same: the app's public channels |
+//! | POST | `subscriptions` | receiving app's token: `{"channel": "billing/invoices", "path": "/hooks/invoices"}` |
+//! | GET | `subscriptions`, `subscriptions/{id}` | receiving app's token (with `X-Nextgate-App` for the list) or admin key |
+//! | DELETE | `subscriptions/{id}` | receiving app's token or admin key |
 //!
 //! Credentials travel as `Authorization: Bearer ...`; a ticket also as `?ticket=`. Which app a
 //! token belongs to is the `X-Nextgate-App` header when sent, else the owner of each channel.
@@ -18,6 +21,7 @@ use super::channel::ChannelInfo;
 use super::sse::SseBody;
 use super::store::HubStore;
 use super::ticket::{self, Claims, Signer, TicketError};
+use super::webhook::{Command, Hold, WebhookRecord};
 use super::{ws, ChannelName, Hub, HubError, Resume};
 use crate::error::ApiError;
 use crate::http_server::{bearer, Body, Handler};
@@ -42,6 +46,7 @@ pub struct HubApi {
     signer: Signer,
     admin_key: AdminKey,
     prefix: String,
+    webhooks: tokio::sync::mpsc::UnboundedSender<Command>,
 }
 
 impl From<HubError> for ApiError {
@@ -68,6 +73,13 @@ struct SubQuery {
     last_event_id: Option<String>,
     meta: Option<String>,
     ticket: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionRequest {
+    channel: String,
+    path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +153,7 @@ impl HubApi {
         signer: Signer,
         admin_key: AdminKey,
         mount_prefix: &str,
+        webhooks: tokio::sync::mpsc::UnboundedSender<Command>,
     ) -> Self {
         Self {
             hub,
@@ -148,6 +161,180 @@ impl HubApi {
             signer,
             admin_key,
             prefix: format!("{mount_prefix}/events/"),
+            webhooks,
+        }
+    }
+
+    fn subscription_view(&self, r: &WebhookRecord) -> serde_json::Value {
+        serde_json::json!({
+            "id": r.id,
+            "app": r.app,
+            "channel": r.channel,
+            "path": r.path,
+            "created_at": humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(r.created_ms)).to_string(),
+            "signing_secret": self.signer.derive(&format!("webhook:{}", r.id)),
+        })
+    }
+
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        req: Request<Incoming>,
+        example: &str,
+    ) -> Result<T, ApiError> {
+        let body = Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|_| {
+                ApiError::field(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body",
+                    "request bodies here are at most 64 KiB",
+                )
+            })?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("expected {example}: {e}"),
+            )
+        })
+    }
+
+    async fn subscriptions(
+        &self,
+        req: Request<Incoming>,
+        id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        let headers = req.headers().clone();
+        let Some(cred) = bearer(&headers).map(str::to_string) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "send the app's token as `Authorization: Bearer TOKEN`",
+            ));
+        };
+        let store_failed = |e: crate::registry::store::StoreError| {
+            tracing::error!(error = %e, "hub state could not be saved");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "hub state could not be saved; nothing was changed",
+            )
+        };
+        if !id.is_empty() {
+            let Some(r) = self.store.subscriptions().into_iter().find(|r| r.id == id) else {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no subscription `{}`",
+                        id.chars().take(64).collect::<String>()
+                    ),
+                ));
+            };
+            let allowed = self.admin_key.verify(&cred)
+                || self
+                    .hub
+                    .registry
+                    .get(&r.app)
+                    .is_some_and(|a| a.verify_token(&cred));
+            if !allowed {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("only `{}` (its token) or the admin may do this", r.app),
+                ));
+            }
+            return match *req.method() {
+                Method::GET => Ok(json_value(StatusCode::OK, &self.subscription_view(&r))),
+                Method::DELETE => {
+                    self.store
+                        .remove_subscription(id)
+                        .await
+                        .map_err(store_failed)?;
+                    let _ = self.webhooks.send(Command::Stop(r.id.clone()));
+                    tracing::info!(subscription = %r.id, app = %r.app, channel = %r.channel, "webhook subscription removed");
+                    Ok(json(StatusCode::NO_CONTENT, Bytes::new()))
+                }
+                _ => Err(method_not_allowed("GET, DELETE")),
+            };
+        }
+        match *req.method() {
+            Method::GET => {
+                let app = if self.admin_key.verify(&cred) {
+                    header_str(&headers, APP_HEADER).map(str::to_string)
+                } else {
+                    let Some(app) = header_str(&headers, APP_HEADER) else {
+                        return Err(ApiError::field(
+                            StatusCode::BAD_REQUEST,
+                            APP_HEADER,
+                            format!("name your app in `{APP_HEADER}`"),
+                        ));
+                    };
+                    self.token_app(&headers, &cred, &[])?;
+                    Some(app.to_string())
+                };
+                let list: Vec<_> = self
+                    .store
+                    .subscriptions()
+                    .iter()
+                    .filter(|r| app.as_ref().is_none_or(|a| *a == r.app))
+                    .map(|r| self.subscription_view(r))
+                    .collect();
+                Ok(json_value(
+                    StatusCode::OK,
+                    &serde_json::json!({"subscriptions": list}),
+                ))
+            }
+            Method::POST => {
+                let r: SubscriptionRequest =
+                    Self::read_json(req, r#"{"channel": "app/channel", "path": "/hooks/x"}"#)
+                        .await?;
+                let name = self.hub.channel_name(&r.channel)?;
+                if !r.path.starts_with('/')
+                    || r.path.len() > 1024
+                    || r.path.bytes().any(|b| !b.is_ascii_graphic())
+                {
+                    return Err(ApiError::field(
+                        StatusCode::BAD_REQUEST,
+                        "path",
+                        "path must start with / and be at most 1024 visible ASCII characters",
+                    ));
+                }
+                let app =
+                    match self.token_app(&headers, &cred, std::slice::from_ref(&name))? {
+                        Some(app) => app,
+                        None => match header_str(&headers, APP_HEADER) {
+                            Some(app) if self.hub.registry.get(app).is_some() => app.to_string(),
+                            Some(app) => return Err(HubError::UnknownApp(app.to_string()).into()),
+                            None => return Err(ApiError::field(
+                                StatusCode::BAD_REQUEST,
+                                APP_HEADER,
+                                format!(
+                                    "with the admin key, name the receiving app in `{APP_HEADER}`"
+                                ),
+                            )),
+                        },
+                    };
+                if self.hub.registry.get(name.app()).is_none() {
+                    return Err(HubError::UnknownApp(name.app().to_string()).into());
+                }
+                let record = WebhookRecord {
+                    id: hex::encode(crate::registry::token::random_bytes::<12>()),
+                    app,
+                    channel: name.as_str().to_string(),
+                    path: r.path,
+                    created_ms: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                };
+                self.store
+                    .add_subscription(record.clone())
+                    .await
+                    .map_err(store_failed)?;
+                tracing::info!(subscription = %record.id, app = %record.app, channel = %record.channel, path = %record.path, "webhook subscription created");
+                let view = self.subscription_view(&record);
+                let hold = Hold::new(self.hub.get_or_create(&name)?);
+                let _ = self.webhooks.send(Command::Start(record, hold));
+                Ok(json_value(StatusCode::CREATED, &view))
+            }
+            _ => Err(method_not_allowed("GET, POST")),
         }
     }
 
@@ -449,24 +636,7 @@ impl HubApi {
                 "send the app's token as `Authorization: Bearer TOKEN`",
             ));
         };
-        let body = Limited::new(req.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map_err(|_| {
-                ApiError::field(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body",
-                    "ticket requests are at most 64 KiB",
-                )
-            })?
-            .to_bytes();
-        let r: TicketRequest = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "body",
-                format!("expected {{\"channels\": [...], \"ttl\": \"10m\"}}: {e}"),
-            )
-        })?;
+        let r: TicketRequest = Self::read_json(req, r#"{"channels": [...], "ttl": "10m"}"#).await?;
         if r.channels.is_empty() || r.channels.len() > 64 {
             return Err(ApiError::field(
                 StatusCode::BAD_REQUEST,
@@ -587,6 +757,7 @@ impl HubApi {
             "sub" => self.sub_path(req, Some(tail), shutdown).await,
             "tickets" if tail.is_empty() => self.tickets(req).await,
             "public" if !tail.is_empty() => self.public(req, tail).await,
+            "subscriptions" => self.subscriptions(req, tail).await,
             _ => Err(not_found()),
         }
     }

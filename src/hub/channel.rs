@@ -120,7 +120,7 @@ pub struct ChannelInfo {
     pub messages: usize,
     /// Seconds since a subscriber last joined (-1: never).
     pub requested: i64,
-    /// Subscribers now.
+    /// Subscribers now (connections and webhook subscriptions).
     pub subscribers: usize,
     /// Newest message id, if any.
     pub last_message_id: Option<String>,
@@ -193,13 +193,13 @@ impl State {
         }
     }
 
-    fn info(&self, epoch: u64, now: Instant) -> ChannelInfo {
+    fn info(&self, epoch: u64, now: Instant, holders: usize) -> ChannelInfo {
         ChannelInfo {
             messages: self.ring.len(),
             requested: self
                 .last_requested
                 .map_or(-1, |t| now.saturating_duration_since(t).as_secs() as i64),
-            subscribers: self.subs.len(),
+            subscribers: self.subs.len() + holders,
             last_message_id: (self.next_seq > 1).then(|| {
                 MessageId {
                     epoch,
@@ -215,7 +215,7 @@ impl State {
 pub struct Published {
     /// The new message.
     pub message: Arc<Message>,
-    /// Subscribers it was offered to.
+    /// Subscribers it was offered to (connections and webhook readers).
     pub offered: usize,
     /// Subscribers dropped because their queue overflowed.
     pub overflowed: usize,
@@ -303,15 +303,16 @@ impl Channel {
         st.ring.push_back(message.clone());
         st.evict(now, &self.limits);
         st.last_activity = now;
-        let offered = st.subs.len();
+        let live = st.subs.len();
         st.subs.retain(|o| o.offer(&message));
-        let overflowed = offered - st.subs.len();
-        let info = st.info(self.epoch, now);
+        let overflowed = live - st.subs.len();
+        let holders = self.holders.load(Ordering::Acquire);
+        let info = st.info(self.epoch, now, holders);
         drop(st);
         self.changed.notify_waiters();
         Some(Published {
             message,
-            offered,
+            offered: live + holders,
             overflowed,
             info,
         })
@@ -387,7 +388,7 @@ impl Channel {
     pub fn info(&self, now: Instant) -> ChannelInfo {
         let mut st = self.state.lock();
         st.evict(now, &self.limits);
-        st.info(self.epoch, now)
+        st.info(self.epoch, now, self.holders.load(Ordering::Acquire))
     }
 
     /// The buffered message with sequence `seq`, or the oldest after it when `seq` is gone;

@@ -7,7 +7,8 @@
 //! - [`channel`]: one channel's ring buffer and subscribers' bounded outboxes.
 //! - [`ticket`]: signed, expiring subscribe tickets.
 //! - [`sse`] and [`ws`]: the two subscriber transports (and WebSocket publishing).
-//! - [`store`]: durable hub state (public channels).
+//! - [`webhook`]: delivery of a channel to an app's backends by HTTP POST.
+//! - [`store`]: durable hub state (public channels, webhook subscriptions).
 //! - [`api`]: the HTTP surface under `{prefix}/events/`.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod replay;
 pub mod sse;
 pub mod store;
 pub mod ticket;
+pub mod webhook;
 pub mod ws;
 
 use crate::config::HubSettings;
@@ -186,6 +188,12 @@ pub struct HubStats {
     pub slow_disconnects: AtomicU64,
     /// Subscriptions opened.
     pub subscribed: AtomicU64,
+    /// Webhook deliveries that succeeded.
+    pub webhook_delivered: AtomicU64,
+    /// Webhook attempts that failed (each attempt).
+    pub webhook_failures: AtomicU64,
+    /// Messages a webhook subscription never got (they left the buffer first).
+    pub webhook_lost: AtomicU64,
 }
 
 #[derive(Default)]

@@ -1,7 +1,8 @@
-//! Durable hub state: the channels apps declared public. Kept in `{state_dir}/hub.json`,
+//! Durable hub state: the channels apps declared public and the webhook subscriptions. Kept in `{state_dir}/hub.json`,
 //! written with the registry's atomic write (temporary file, fsync, rename, directory fsync)
 //! before a change is acknowledged. A file that cannot be read stops startup.
 
+use super::webhook::WebhookRecord;
 use crate::registry::store::{write_atomic, StoreError};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -16,12 +17,15 @@ const FORMAT_VERSION: u32 = 1;
 struct HubFile {
     version: u32,
     public: BTreeSet<String>,
+    #[serde(default)]
+    subscriptions: Vec<WebhookRecord>,
 }
 
-/// Public channels, read lock-free-ish on the subscribe path, written durably.
+/// Public channels and webhook subscriptions: a snapshot read without waiting on the
+/// subscribe path, replaced whole after each durable write.
 pub struct HubStore {
     path: PathBuf,
-    public: RwLock<Arc<BTreeSet<String>>>,
+    state: RwLock<Arc<HubFile>>,
     write: tokio::sync::Mutex<()>,
 }
 
@@ -42,7 +46,10 @@ impl HubStore {
                 }
                 f
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HubFile::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HubFile {
+                version: FORMAT_VERSION,
+                ..HubFile::default()
+            },
             Err(source) => {
                 return Err(StoreError::Io {
                     op: "reading",
@@ -53,21 +60,66 @@ impl HubStore {
         };
         Ok(Self {
             path,
-            public: RwLock::new(Arc::new(file.public)),
+            state: RwLock::new(Arc::new(file)),
             write: tokio::sync::Mutex::new(()),
         })
     }
 
+    /// Apply `change` to a copy of the state; when it reports a change, write the copy
+    /// durably and only then make it current.
+    async fn update<T>(
+        &self,
+        change: impl FnOnce(&mut HubFile) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
+        let _guard = self.write.lock().await;
+        let mut next = (**self.state.read()).clone();
+        let Some(out) = change(&mut next) else {
+            return Ok(None);
+        };
+        let body = serde_json::to_vec_pretty(&next).map_err(|e| StoreError::Task(e.to_string()))?;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &body))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        *self.state.write() = Arc::new(next);
+        Ok(Some(out))
+    }
+
+    /// Every webhook subscription.
+    pub fn subscriptions(&self) -> Vec<WebhookRecord> {
+        self.state.read().subscriptions.clone()
+    }
+
+    /// Store a new webhook subscription.
+    pub async fn add_subscription(&self, r: WebhookRecord) -> Result<(), StoreError> {
+        self.update(|f| {
+            f.subscriptions.push(r);
+            Some(())
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Remove a webhook subscription; `None` when there was none with that id.
+    pub async fn remove_subscription(&self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
+        self.update(|f| {
+            let i = f.subscriptions.iter().position(|r| r.id == id)?;
+            Some(f.subscriptions.remove(i))
+        })
+        .await
+    }
+
     /// Whether `channel` (`app/channel`) was declared public.
     pub fn is_public(&self, channel: &str) -> bool {
-        self.public.read().contains(channel)
+        self.state.read().public.contains(channel)
     }
 
     /// Public channels of `app`.
     pub fn public_of(&self, app: &str) -> Vec<String> {
         let prefix = format!("{app}/");
-        self.public
+        self.state
             .read()
+            .public
             .iter()
             .filter(|c| c.starts_with(&prefix))
             .cloned()
@@ -76,27 +128,17 @@ impl HubStore {
 
     /// Declare `channel` public or private, durably. Returns whether anything changed.
     pub async fn set_public(&self, channel: &str, public: bool) -> Result<bool, StoreError> {
-        let _guard = self.write.lock().await;
-        let mut next = (**self.public.read()).clone();
-        let changed = if public {
-            next.insert(channel.to_string())
-        } else {
-            next.remove(channel)
-        };
-        if !changed {
-            return Ok(false);
-        }
-        let file = HubFile {
-            version: FORMAT_VERSION,
-            public: next.clone(),
-        };
-        let body = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Task(e.to_string()))?;
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &body))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
-        *self.public.write() = Arc::new(next);
-        Ok(true)
+        let changed = self
+            .update(|f| {
+                let changed = if public {
+                    f.public.insert(channel.to_string())
+                } else {
+                    f.public.remove(channel)
+                };
+                changed.then_some(())
+            })
+            .await?;
+        Ok(changed.is_some())
     }
 }
 
@@ -105,7 +147,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn public_channels_survive_reopen_and_corruption_is_an_error() {
+    async fn state_survives_reopen_and_corruption_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = HubStore::open(dir.path()).expect("open");
         assert!(s.set_public("a/news", true).await.expect("set"));
@@ -118,6 +160,22 @@ mod tests {
         assert!(!HubStore::open(dir.path())
             .expect("reopen")
             .is_public("a/news"));
+        let r = WebhookRecord {
+            id: "w1".into(),
+            app: "b".into(),
+            channel: "a/news".into(),
+            path: "/hook".into(),
+            created_ms: 1,
+        };
+        s.add_subscription(r.clone()).await.expect("add");
+        let s = HubStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.subscriptions(), vec![r.clone()]);
+        assert_eq!(s.remove_subscription("w1").await.expect("remove"), Some(r));
+        assert_eq!(s.remove_subscription("w1").await.expect("remove"), None);
+        assert!(HubStore::open(dir.path())
+            .expect("reopen")
+            .subscriptions()
+            .is_empty());
         std::fs::write(dir.path().join("hub.json"), b"{nope").expect("write");
         assert!(matches!(
             HubStore::open(dir.path()),
