@@ -5,7 +5,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STATIC_TARGET := x86_64-unknown-linux-gnu
 
-.PHONY: run test deps build release image bench-proxy clean
+.PHONY: run test deps build release image bench-proxy bench-hub clean
 
 ## Install build prerequisites that a fresh Debian machine lacks.
 deps:
@@ -37,6 +37,11 @@ image: deps
 ## Side-by-side proxy benchmark against nginx (installs nginx and wrk if missing).
 bench-proxy: release
 	benches/proxy_vs_nginx.py
+
+## Side-by-side event hub benchmark against Nchan (installs nginx and libnginx-mod-nchan).
+bench-hub: deps
+	$(CARGO) build --release --bin nextgate --example hub_load
+	benches/hub_vs_nchan.py
 
 clean:
 	$(CARGO) clean

@@ -297,21 +297,22 @@ impl HubApi {
                         "path must start with / and be at most 1024 visible ASCII characters",
                     ));
                 }
-                let app =
-                    match self.token_app(&headers, &cred, std::slice::from_ref(&name))? {
-                        Some(app) => app,
-                        None => match header_str(&headers, APP_HEADER) {
-                            Some(app) if self.hub.registry.get(app).is_some() => app.to_string(),
-                            Some(app) => return Err(HubError::UnknownApp(app.to_string()).into()),
-                            None => return Err(ApiError::field(
+                let app = match self.token_app(&headers, &cred, std::slice::from_ref(&name))? {
+                    Some(app) => app,
+                    None => match header_str(&headers, APP_HEADER) {
+                        Some(app) if self.hub.registry.get(app).is_some() => app.to_string(),
+                        Some(app) => return Err(HubError::UnknownApp(app.to_string()).into()),
+                        None => {
+                            return Err(ApiError::field(
                                 StatusCode::BAD_REQUEST,
                                 APP_HEADER,
                                 format!(
                                     "with the admin key, name the receiving app in `{APP_HEADER}`"
                                 ),
-                            )),
-                        },
-                    };
+                            ))
+                        }
+                    },
+                };
                 if self.hub.registry.get(name.app()).is_none() {
                     return Err(HubError::UnknownApp(name.app().to_string()).into());
                 }

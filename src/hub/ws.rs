@@ -10,7 +10,9 @@ use super::message::Message;
 use super::sse::gap_json;
 use super::{ChannelName, Hub, HubError, Subscription};
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use fastwebsockets::{
+    FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketError,
+};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::io;
@@ -19,7 +21,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWrite;
+use tokio::io::WriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 /// Close code for a subscriber dropped as too slow.
@@ -116,8 +119,35 @@ enum Inbound {
     Message(Bytes, OpCode),
 }
 
+/// Yields one byte read ahead, then reads from `inner`.
+struct Prefixed<R> {
+    first: Option<u8>,
+    inner: R,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(b) = self.first.take() {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[b]);
+                return Poll::Ready(Ok(()));
+            }
+            self.first = Some(b);
+        }
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
 /// Upgrade and split; a reader task collects whole messages (up to `max_message`) and the
 /// control frames that need an answer, and ends its channel when the client goes away.
+///
+/// fastwebsockets gives every reader an 8 KiB buffer. Most subscribers never send a frame,
+/// so the reader waits for the client's first byte before it makes one: an idle subscriber
+/// holds no read buffer (README, Event hub: memory per idle subscriber).
 async fn accept(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     max_message: usize,
@@ -129,16 +159,29 @@ async fn accept(
             return None;
         }
     };
-    let (mut rd, mut wr) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, BatchWriter::new(w))
-    });
+    let (mut r, w) = tokio::io::split(ws.into_inner());
+    let (_, mut wr) = fastwebsockets::after_handshake_split(
+        tokio::io::empty(),
+        BatchWriter::new(w),
+        Role::Server,
+    );
     wr.set_writev(true);
     wr.set_writev_threshold(0);
-    rd.set_max_message_size(max_message.saturating_add(1));
-    let mut rd = FragmentCollectorRead::new(rd);
     let (tx, rx) = mpsc::channel::<Inbound>(16);
     let reader = tokio::spawn(async move {
+        let mut first = [0u8; 1];
+        match r.read(&mut first).await {
+            Ok(1) => {}
+            _ => return,
+        }
+        let prefixed = Prefixed {
+            first: Some(first[0]),
+            inner: r,
+        };
+        let (mut rd, _) =
+            fastwebsockets::after_handshake_split(prefixed, tokio::io::sink(), Role::Server);
+        rd.set_max_message_size(max_message.saturating_add(1));
+        let mut rd = FragmentCollectorRead::new(rd);
         loop {
             let control = tx.clone();
             let mut send = move |f: Frame<'_>| {
@@ -168,7 +211,7 @@ async fn accept(
     Some((wr, rx, reader))
 }
 
-type Writer = fastwebsockets::WebSocketWrite<BatchWriter<tokio::io::WriteHalf<Io>>>;
+type Writer = fastwebsockets::WebSocketWrite<BatchWriter<WriteHalf<Io>>>;
 
 fn message_frame<'a>(m: &'a Message, meta: bool) -> Frame<'a> {
     if meta {
