@@ -313,7 +313,8 @@ async fn sse_sub(
     t
 }
 
-async fn publisher(
+/// One publishing connection: channels `first, first + stride, ...` in turn, at `rate`.
+struct Publisher {
     urls: Vec<String>,
     token: Option<String>,
     rate: f64,
@@ -324,7 +325,21 @@ async fn publisher(
     first_channel: usize,
     stride: usize,
     errors: Arc<AtomicU64>,
-) {
+}
+
+async fn publisher(p: Publisher) {
+    let Publisher {
+        urls,
+        token,
+        rate,
+        until,
+        msg_bytes,
+        seq,
+        published,
+        first_channel,
+        stride,
+        errors,
+    } = p;
     let (host, _) = split_url(&urls[0]);
     let mut conn = TcpStream::connect(&host).await.expect("publisher connect");
     conn.set_nodelay(true).expect("nodelay");
@@ -419,9 +434,9 @@ async fn run(a: Args) {
     let connected = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(a.channels * a.subs);
     let t_connect = Instant::now();
-    for c in 0..a.channels {
+    for (c, sub_url) in sub_urls.iter().enumerate() {
         for _ in 0..a.subs {
-            let url = sub_urls[c].clone();
+            let url = sub_url.clone();
             let (token, m, s, g, k) = (
                 a.token.clone(),
                 measuring.clone(),
@@ -478,18 +493,18 @@ async fn run(a: Args) {
     let pubs = a.publishers.min(a.channels).max(1);
     let mut ptasks = Vec::new();
     for p in 0..pubs {
-        ptasks.push(tokio::spawn(publisher(
-            pub_urls.clone(),
-            a.token.clone(),
-            a.rate / pubs as f64,
+        ptasks.push(tokio::spawn(publisher(Publisher {
+            urls: pub_urls.clone(),
+            token: a.token.clone(),
+            rate: a.rate / pubs as f64,
             until,
-            a.msg_bytes,
-            seq.clone(),
-            published.clone(),
-            p,
-            pubs,
-            errors.clone(),
-        )));
+            msg_bytes: a.msg_bytes,
+            seq: seq.clone(),
+            published: published.clone(),
+            first_channel: p,
+            stride: pubs,
+            errors: errors.clone(),
+        })));
     }
     for t in ptasks {
         let _ = t.await;

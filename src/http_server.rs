@@ -24,6 +24,113 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub trait Handler: Send + Sync + 'static {
     /// Answer one request; `shutdown` flips when the gateway stops (for long-lived responses).
     async fn handle(&self, req: Request<Incoming>, shutdown: &ShutdownWatch) -> Response<Body>;
+
+    /// Whether a connection's first request head is read before hyper sees it and offered to
+    /// [`Handler::claims`] (for long-lived responses that are cheaper without hyper).
+    fn peeks(&self) -> bool {
+        false
+    }
+
+    /// Whether this handler serves the connection of `head` itself, with [`Handler::serve`].
+    fn claims(&self, _head: &Request<()>) -> bool {
+        false
+    }
+
+    /// Serve a claimed connection whose request head `head` was already read from `stream`.
+    async fn serve(&self, _head: Request<()>, _stream: Stream, _shutdown: &ShutdownWatch) {}
+}
+
+/// Longest time one write to a claimed connection may take.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A stream that first replays bytes already read from it.
+struct Rewind {
+    prefix: Bytes,
+    inner: Stream,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Read a request head; `Ok(None)` when the bytes do not parse as one (hyper answers those).
+async fn read_head(
+    stream: &mut Stream,
+    max: usize,
+) -> std::io::Result<(bytes::BytesMut, Option<Request<()>>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(2048);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok((buf, None));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut b = Request::builder()
+                    .method(req.method.unwrap_or("GET"))
+                    .uri(req.path.unwrap_or("/"));
+                for h in req.headers.iter() {
+                    b = b.header(h.name, h.value);
+                }
+                Some(b.body(()).ok())
+            }
+            Ok(httparse::Status::Partial) if buf.len() < max => None,
+            _ => Some(None),
+        };
+        if let Some(head) = parsed {
+            return Ok((buf, head));
+        }
+    }
 }
 
 /// The credential of `Authorization: Bearer ...`, if any.
@@ -62,6 +169,28 @@ impl<H: Handler> ServerApp for HyperApp<H> {
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             tracing::warn!("connection limit reached: closing a new connection");
             return None;
+        };
+        let mut session = session;
+        let mut prefix = Bytes::new();
+        if self.handler.peeks() {
+            let max = self.max_header_bytes.max(8192);
+            let head = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(&mut session, max));
+            let (buf, head) = match head.await {
+                Ok(Ok(x)) => x,
+                _ => return None,
+            };
+            match head {
+                Some(head) if self.handler.claims(&head) => {
+                    drop(buf);
+                    self.handler.serve(head, session, shutdown).await;
+                    return None;
+                }
+                _ => prefix = buf.freeze(),
+            }
+        }
+        let session = Rewind {
+            prefix,
+            inner: session,
         };
         let handler = self.handler.clone();
         let watch = shutdown.clone();

@@ -574,9 +574,14 @@ async fn delete_ends_sse_and_websocket_subscribers() {
     );
     assert_eq!(ws_next(&mut ws).await.expect("msg"), b"before");
     // A ping gets its pong (the subscriber's reader starts on the client's first byte).
-    ws.send(WsMessage::Ping(b"are you there".to_vec())).await.expect("ping");
+    ws.send(WsMessage::Ping(b"are you there".to_vec()))
+        .await
+        .expect("ping");
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("pong in 5 s") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("pong in 5 s")
+        {
             Some(Ok(WsMessage::Pong(p))) => {
                 assert_eq!(p, b"are you there");
                 break;

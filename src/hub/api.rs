@@ -75,6 +75,13 @@ struct SubQuery {
     ticket: Option<String>,
 }
 
+/// A checked subscribe request.
+struct SubRequest {
+    names: Vec<ChannelName>,
+    resume: Resume,
+    meta: bool,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionRequest {
@@ -539,16 +546,14 @@ impl HubApi {
         }
     }
 
-    async fn sub_path(
+    /// Check a subscribe request: channels, credential, resume point, limit.
+    fn prepare_sub(
         &self,
-        mut req: Request<Incoming>,
+        uri: &http::Uri,
+        headers: &HeaderMap,
         path_channel: Option<&str>,
-        shutdown: &ShutdownWatch,
-    ) -> Result<Response<Body>, ApiError> {
-        if !matches!(*req.method(), Method::GET) {
-            return Err(method_not_allowed("GET"));
-        }
-        let q: SubQuery = match req.uri().query() {
+    ) -> Result<SubRequest, ApiError> {
+        let q: SubQuery = match uri.query() {
             Some(q) => serde_urlencoded::from_str(q).map_err(|e| {
                 ApiError::field(StatusCode::BAD_REQUEST, "query", format!("bad query: {e}"))
             })?,
@@ -570,8 +575,8 @@ impl HubApi {
                 "name a channel: sub/{app}/{channel} or ?channels=app/a,app/b",
             ));
         }
-        self.authorize_subscribe(req.headers(), q.ticket.as_deref(), &names)?;
-        let resume_text = header_str(req.headers(), "last-event-id")
+        self.authorize_subscribe(headers, q.ticket.as_deref(), &names)?;
+        let resume_text = header_str(headers, "last-event-id")
             .map(str::to_string)
             .or(q.last_event_id);
         let resume = match resume_text.as_deref() {
@@ -579,16 +584,45 @@ impl HubApi {
             None => Resume::Live,
         };
         if self.hub.subscriber_count() >= self.hub.settings.max_connections as u64 {
-            let mut r = crate::admin::error_json(&ApiError::new(
+            return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the hub is at its subscriber limit; try again later",
             ));
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return Ok(r);
         }
         // Frames of a multiplexed subscription must say their channel: always meta.
         let meta = is_truthy(q.meta.as_deref()) || names.len() > 1;
+        Ok(SubRequest {
+            names,
+            resume,
+            meta,
+        })
+    }
+
+    /// For `{prefix}/events/sub...` paths, the channel named in the path (if any).
+    fn sub_target<'a>(&self, path: &'a str) -> Option<Option<&'a str>> {
+        let rest = path.strip_prefix(&self.prefix)?;
+        match rest.split_once('/') {
+            None if rest == "sub" => Some(None),
+            Some(("sub", "")) => Some(None),
+            Some(("sub", c)) => Some(Some(c)),
+            _ => None,
+        }
+    }
+
+    async fn sub_path(
+        &self,
+        mut req: Request<Incoming>,
+        path_channel: Option<&str>,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Response<Body>, ApiError> {
+        if !matches!(*req.method(), Method::GET) {
+            return Err(method_not_allowed("GET"));
+        }
+        let SubRequest {
+            names,
+            resume,
+            meta,
+        } = self.prepare_sub(req.uri(), req.headers(), path_channel)?;
         let heartbeat = self.hub.settings.heartbeat;
         if fastwebsockets::upgrade::is_upgrade_request(&req) {
             let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
@@ -771,6 +805,16 @@ fn method_not_allowed(allow: &str) -> ApiError {
     )
 }
 
+/// An error as a JSON response, with `Retry-After` on 503.
+fn refusal(e: &ApiError) -> Response<Body> {
+    let mut r = crate::admin::error_json(e);
+    if e.status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    r
+}
+
 #[async_trait]
 impl Handler for HubApi {
     async fn handle(&self, req: Request<Incoming>, shutdown: &ShutdownWatch) -> Response<Body> {
@@ -780,7 +824,49 @@ impl Handler for HubApi {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(%method, %path, status = e.status.as_u16(), error = %e.error, "hub request refused");
-                crate::admin::error_json(&e)
+                refusal(&e)
+            }
+        }
+    }
+
+    fn peeks(&self) -> bool {
+        true
+    }
+
+    /// SSE subscriptions that open a connection are served without hyper: an idle one then
+    /// holds no HTTP read and write buffers (README, Event hub).
+    fn claims(&self, head: &Request<()>) -> bool {
+        head.method() == Method::GET
+            && wants_sse(head.headers())
+            && !head.headers().contains_key(header::UPGRADE)
+            && self.sub_target(head.uri().path()).is_some()
+    }
+
+    async fn serve(
+        &self,
+        head: Request<()>,
+        stream: pingora_core::protocols::Stream,
+        shutdown: &ShutdownWatch,
+    ) {
+        let path_channel = self.sub_target(head.uri().path()).flatten();
+        let opened = self
+            .prepare_sub(head.uri(), head.headers(), path_channel)
+            .and_then(|p| {
+                let sub = self.hub.subscribe(p.names, &p.resume)?;
+                Ok(SseBody::new(
+                    sub,
+                    p.meta,
+                    self.hub.settings.heartbeat,
+                    shutdown.clone(),
+                ))
+            });
+        match opened {
+            // On a task of its own: the connection task Pingora runs this in is large (it
+            // holds the state of every protocol step) and would stay for the stream's life.
+            Ok(body) => drop(tokio::spawn(super::sse::serve_raw(stream, body))),
+            Err(e) => {
+                tracing::debug!(path = %head.uri().path(), status = e.status.as_u16(), error = %e.error, "hub request refused");
+                super::sse::refuse_raw(stream, &e).await
             }
         }
     }

@@ -220,3 +220,87 @@ impl Body for SseBody {
         Poll::Pending
     }
 }
+
+/// Serve an SSE body on a raw connection (claimed from hyper): the response head, then each
+/// frame as one HTTP/1.1 chunk, until the stream ends, the client leaves or a write stalls
+/// for [`crate::http_server::WRITE_TIMEOUT`].
+pub async fn serve_raw(stream: pingora_core::protocols::Stream, body: SseBody) {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n\r\n";
+    let timeout = crate::http_server::WRITE_TIMEOUT;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut body = body;
+    let mut out: Vec<u8> = Vec::with_capacity(HEAD.len() + 256);
+    out.extend_from_slice(HEAD);
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let data = match frame {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                    Some(Err(never)) => match never {},
+                    None => {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        let _ = tokio::time::timeout(timeout, wr.write_all(&out)).await;
+                        return;
+                    }
+                };
+                let _ = write!(ChunkHead(&mut out), "{:x}\r\n", data.len());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+                match tokio::time::timeout(timeout, wr.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+                out.clear();
+                if out.capacity() > 64 * 1024 {
+                    out = Vec::new();
+                }
+            }
+            r = rd.read(&mut probe) => match r {
+                // The client has nothing to say on an event stream but its leaving.
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// `fmt::Write` into a byte buffer.
+struct ChunkHead<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for ChunkHead<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Refuse a claimed subscribe request: the JSON error and close.
+pub async fn refuse_raw(mut stream: pingora_core::protocols::Stream, e: &crate::error::ApiError) {
+    use tokio::io::AsyncWriteExt;
+    let body = e.body();
+    let retry = if e.status == http::StatusCode::SERVICE_UNAVAILABLE {
+        "retry-after: 5\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
+        e.status.as_u16(),
+        e.status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let timeout = crate::http_server::WRITE_TIMEOUT;
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(timeout, write).await;
+}
