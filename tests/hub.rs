@@ -1137,3 +1137,27 @@ async fn webhook_delivery_in_order_with_retries_signed_and_kept_across_restarts(
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.got.delivered.lock().expect("lock").len(), 6);
 }
+
+#[tokio::test]
+async fn sse_and_websocket_subscribers_through_the_proxy_listener() {
+    let gw = gateway("").await;
+    let mut sse = Sse::open(
+        &gw.proxy_url("/v3/events/sub/shop/via"),
+        Some(TOKEN_A),
+        None,
+    )
+    .await;
+    let mut ws = ws_connect(
+        &format!("ws://{}/v3/events/sub/shop/via", gw.proxy),
+        Some(TOKEN_A),
+    )
+    .await;
+    let (s, info) = publish(&gw, "shop/via", "through the proxy").await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(info["subscribers"], 2);
+    assert_eq!(
+        sse.next_data().await.expect("sse").data.as_deref(),
+        Some("through the proxy")
+    );
+    assert_eq!(ws_next(&mut ws).await.expect("ws"), b"through the proxy");
+}

@@ -269,6 +269,9 @@ pub async fn serve_subscriber(
     let mut ping = tokio::time::interval(heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.reset();
+    // Made once: a new `changed()` per pass registers and drops a waiter on every message.
+    let stopping = shutdown.changed();
+    tokio::pin!(stopping);
     loop {
         tokio::select! {
             biased;
@@ -316,7 +319,7 @@ pub async fn serve_subscriber(
             _ = ping.tick() => {
                 let _ = wr.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await;
             }
-            _ = shutdown.changed() => {
+            _ = &mut stopping => {
                 close(&mut wr, CLOSE_GOING_AWAY, "gateway shutting down").await;
                 break;
             }
@@ -357,10 +360,12 @@ pub async fn serve_publisher(
     let Some((mut wr, mut inbound, reader)) = accept(upgrade, limit.saturating_mul(4)).await else {
         return;
     };
+    let stopping = shutdown.changed();
+    tokio::pin!(stopping);
     loop {
         let item = tokio::select! {
             i = inbound.recv() => i,
-            _ = shutdown.changed() => {
+            _ = &mut stopping => {
                 close(&mut wr, CLOSE_GOING_AWAY, "gateway shutting down").await;
                 break;
             }
