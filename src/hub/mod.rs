@@ -365,6 +365,7 @@ impl Hub {
                     self.stats
                         .slow_disconnects
                         .fetch_add(p.overflowed as u64, Ordering::Relaxed);
+                    tracing::info!(channel = %name.as_str(), dropped = p.overflowed, "slow subscribers disconnected: queue overflow");
                 }
                 return Ok(p);
             }
