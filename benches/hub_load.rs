@@ -77,10 +77,8 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn proc_cpu(pid: u32) -> f64 {
-    // utime + stime of the process and its children (nginx workers), in seconds.
-    let tck = 100.0;
-    let mut total = 0.0;
+/// `pid` and all its descendants (nginx's workers).
+fn tree(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     let mut i = 0;
     while i < pids.len() {
@@ -91,41 +89,38 @@ fn proc_cpu(pid: u32) -> f64 {
                     .filter_map(|k| k.parse::<u32>().ok()),
             );
         }
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            if let Some((_, rest)) = stat.rsplit_once(')') {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ut: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-                let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-                total += (ut + st) / tck;
-            }
-        }
         i += 1;
     }
-    total
+    pids
 }
 
+/// utime + stime of the process tree, in seconds.
+fn proc_cpu(pid: u32) -> f64 {
+    let tck = 100.0;
+    tree(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / tck)
+        })
+        .sum()
+}
+
+/// Resident memory of the process tree, KiB.
 fn proc_rss_kib(pid: u32) -> u64 {
-    let mut pids = vec![pid];
-    let mut i = 0;
-    let mut total = 0;
-    while i < pids.len() {
-        let p = pids[i];
-        if let Ok(kids) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            pids.extend(
-                kids.split_whitespace()
-                    .filter_map(|k| k.parse::<u32>().ok()),
-            );
-        }
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
-            total += s
-                .lines()
+    tree(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        i += 1;
-    }
-    total
+        })
+        .sum()
 }
 
 /// Per subscriber: messages received and latency samples (µs).

@@ -26,6 +26,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchlib import free_port, need, wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "bench-token-0123456789abcdef"
 ADMIN_KEY = "bench-admin-key-0123456789"
@@ -41,31 +43,10 @@ SCENARIOS = {
 }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def need(path_or_bin, package):
-    if shutil.which(path_or_bin) or os.path.exists(path_or_bin):
-        return
-    print(f"installing {package}", file=sys.stderr)
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
-    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", package], check=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def wait_port(port, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} did not open")
 
 
 def start_nchan(tmp, port, buffer):
