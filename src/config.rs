@@ -790,6 +790,13 @@ mod tests {
         assert_eq!(s.read_timeout, d.read_timeout);
         assert_eq!(s.health_kind, d.health_kind);
         assert_eq!(s.max_header_bytes, d.max_header_bytes);
+        assert_eq!(s.hub.addr, d.hub.addr);
+        assert_eq!(s.hub.buffer_messages, d.hub.buffer_messages);
+        assert_eq!(s.hub.buffer_age, d.hub.buffer_age);
+        assert_eq!(s.hub.queue_bytes, d.hub.queue_bytes);
+        assert_eq!(s.hub.heartbeat, d.hub.heartbeat);
+        assert_eq!(s.hub.ticket_max_ttl, d.hub.ticket_max_ttl);
+        assert_eq!(s.hub.webhook_max_backoff, d.hub.webhook_max_backoff);
     }
 
     #[test]
