@@ -336,8 +336,7 @@ async fn publisher(p: Publisher) {
         errors,
     } = p;
     let (host, _) = split_url(&urls[0]);
-    let mut conn = TcpStream::connect(&host).await.expect("publisher connect");
-    conn.set_nodelay(true).expect("nodelay");
+    let mut conn = connect(&host).await;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let paths: Vec<String> = urls.iter().map(|u| split_url(u).1).collect();
     let period = Duration::from_secs_f64(1.0 / rate);
@@ -357,41 +356,72 @@ async fn publisher(p: Publisher) {
             paths[ch],
             body.len()
         );
-        if conn.write_all(req.as_bytes()).await.is_err() {
-            errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        // Read one response (headers + content-length body).
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    let ok = head.starts_with("http/1.1 201") || head.starts_with("http/1.1 202");
+        // One request and its response; a connection the server closed (nginx ends one
+        // after `keepalive_requests`) is opened again and the request sent again, once.
+        let mut sent = false;
+        for _attempt in 0..2 {
+            if conn.write_all(req.as_bytes()).await.is_err() {
+                conn = connect(&host).await;
+                buf.clear();
+                continue;
+            }
+            match read_response(&mut conn, &mut buf).await {
+                Some((ok, close)) => {
                     if ok {
                         published[ch].fetch_add(1, Ordering::Relaxed);
                     } else {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    buf.advance(end + 4 + len);
+                    if close {
+                        conn = connect(&host).await;
+                        buf.clear();
+                    }
+                    sent = true;
                     break;
                 }
-            }
-            match conn.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    return;
+                None => {
+                    conn = connect(&host).await;
+                    buf.clear();
                 }
-                Ok(_) => {}
             }
+        }
+        if !sent {
+            errors.fetch_add(1, Ordering::Relaxed);
         }
         ch += stride;
         if ch >= paths.len() {
             ch = first_channel;
+        }
+    }
+}
+
+async fn connect(host: &str) -> TcpStream {
+    let conn = TcpStream::connect(host).await.expect("publisher connect");
+    conn.set_nodelay(true).expect("nodelay");
+    conn
+}
+
+/// Read one response (head and content-length body): whether it was 201/202 and whether the
+/// server closes the connection after it. `None` when the connection ended first.
+async fn read_response(conn: &mut TcpStream, buf: &mut BytesMut) -> Option<(bool, bool)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let ok = head.starts_with("http/1.1 201") || head.starts_with("http/1.1 202");
+                let close = head.contains("connection: close");
+                buf.advance(end + 4 + len);
+                return Some((ok, close));
+            }
+        }
+        match conn.read_buf(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
         }
     }
 }

@@ -62,6 +62,7 @@ error_log {tmp}/nchan.error.log warn;
 events {{ worker_connections 19000; }}
 http {{
     access_log off;
+    keepalive_requests 1000000;
     nchan_shared_memory_size 256M;
     server {{
         listen 127.0.0.1:{port} backlog=4096;

@@ -1152,9 +1152,25 @@ async fn sse_and_websocket_subscribers_through_the_proxy_listener() {
         Some(TOKEN_A),
     )
     .await;
-    let (s, info) = publish(&gw, "shop/via", "through the proxy").await;
+    // Both subscriptions reach the hub over the proxy's upstream connections.
+    let info_url = gw.events_url("/v3/events/pub/shop/via");
+    let mut subscribers = Value::Null;
+    for _ in 0..100 {
+        let r = client()
+            .get(&info_url)
+            .bearer_auth(TOKEN_A)
+            .send()
+            .await
+            .expect("info");
+        subscribers = r.json::<Value>().await.expect("json")["subscribers"].clone();
+        if subscribers == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(subscribers, 2, "log:\n{}", gw.log_text());
+    let (s, _) = publish(&gw, "shop/via", "through the proxy").await;
     assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(info["subscribers"], 2);
     assert_eq!(
         sse.next_data().await.expect("sse").data.as_deref(),
         Some("through the proxy")

@@ -463,7 +463,10 @@ impl HubApi {
             return Err(too_large(n));
         }
         match Limited::new(req.into_body(), limit).collect().await {
-            Ok(b) => Ok(b.to_bytes()),
+            // A copy of exactly the message: the collected `Bytes` can be a slice of hyper's
+            // read buffer, and a buffered message would keep that whole buffer alive (about
+            // 10 KiB per message, measured with 1000 channels).
+            Ok(b) => Ok(Bytes::copy_from_slice(&b.to_bytes())),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit + 1)),
             Err(e) => Err(ApiError::field(
                 StatusCode::BAD_REQUEST,

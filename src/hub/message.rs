@@ -120,9 +120,10 @@ impl Message {
         self.utf8
     }
 
-    /// Bytes this message accounts for in buffers and queues.
+    /// Bytes this message accounts for in buffers and queues: its body plus what the
+    /// message itself takes in memory (the struct, its `Arc`, the content type).
     pub fn cost(&self) -> usize {
-        self.data.len() + self.channel.len() + 128
+        self.data.len() + std::mem::size_of::<Self>() + 64
     }
 
     /// The meta JSON: `{"type":"message","id":..,"channel":..,"event":..,"data":..}`, with
