@@ -379,6 +379,11 @@ impl Channel {
         self.changed.notify_waiters();
     }
 
+    /// Sequence number of the newest message (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().next_seq - 1
+    }
+
     /// Whether it was deleted.
     pub fn is_deleted(&self) -> bool {
         self.state.lock().deleted

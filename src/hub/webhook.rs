@@ -166,11 +166,7 @@ impl Hold {
     /// Hold `c` from its newest message on.
     pub fn new(c: Arc<Channel>) -> Self {
         c.holders.fetch_add(1, Ordering::AcqRel);
-        let last = c
-            .info(Instant::now())
-            .last_message_id
-            .and_then(|id| id.parse::<super::message::MessageId>().ok())
-            .map_or(0, |id| id.seq);
+        let last = c.last_seq();
         Self(c, last)
     }
 }
