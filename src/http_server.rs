@@ -1,4 +1,5 @@
-//! Serving a hyper 1 handler on a Pingora listener, so the admin API and the event hub take part in Pingora's listeners, graceful shutdown and upgrades.
+//! Serving a hyper 1 handler on a Pingora listener, so the admin API and the event hub take
+//! part in Pingora's listeners, graceful shutdown and upgrades.
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -123,8 +123,8 @@ fn wants_text(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/plain") && !a.contains("json"))
 }
 
-fn info_response(status: StatusCode, headers: &HeaderMap, info: &ChannelInfo) -> Response<Body> {
-    if wants_text(headers) {
+fn info_response(status: StatusCode, text: bool, info: &ChannelInfo) -> Response<Body> {
+    if text {
         let mut r = json(status, info.to_text());
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -482,15 +482,14 @@ impl HubApi {
         name: ChannelName,
     ) -> Result<Response<Body>, ApiError> {
         self.require_owner(req.headers(), name.app())?;
-        let headers = req.headers().clone();
+        // Taken before the body consumes the request; the hub validates the event name.
+        let h = req.headers();
+        let text = wants_text(h);
         let content_type =
-            header_str(&headers, "content-type").map(|c| c.chars().take(255).collect::<String>());
-        let event = header_str(&headers, "x-event-type")
-            .or_else(|| header_str(&headers, "x-eventsource-event"));
-        if let Some(e) = event {
-            super::check_event_name(e)?;
-        }
-        let event = event.map(str::to_string);
+            header_str(h, "content-type").map(|c| c.chars().take(255).collect::<String>());
+        let event = header_str(h, "x-event-type")
+            .or_else(|| header_str(h, "x-eventsource-event"))
+            .map(str::to_string);
         let data = self.read_message(req).await?;
         let p = self
             .hub
@@ -500,7 +499,7 @@ impl HubApi {
         } else {
             StatusCode::ACCEPTED
         };
-        Ok(info_response(status, &headers, &p.info))
+        Ok(info_response(status, text, &p.info))
     }
 
     async fn pub_path(
@@ -531,7 +530,11 @@ impl HubApi {
                     return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
                 }
                 match self.hub.info(&name) {
-                    Some(info) => Ok(info_response(StatusCode::OK, req.headers(), &info)),
+                    Some(info) => Ok(info_response(
+                        StatusCode::OK,
+                        wants_text(req.headers()),
+                        &info,
+                    )),
                     None => Err(HubError::NoChannel(name.as_str().to_string()).into()),
                 }
             }
@@ -539,9 +542,11 @@ impl HubApi {
                 self.require_owner(req.headers(), name.app())?;
                 let info = self.hub.info(&name);
                 match info {
-                    Some(info) if self.hub.delete(&name) => {
-                        Ok(info_response(StatusCode::OK, req.headers(), &info))
-                    }
+                    Some(info) if self.hub.delete(&name) => Ok(info_response(
+                        StatusCode::OK,
+                        wants_text(req.headers()),
+                        &info,
+                    )),
                     _ => Err(HubError::NoChannel(name.as_str().to_string()).into()),
                 }
             }

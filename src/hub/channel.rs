@@ -72,6 +72,11 @@ impl Outbox {
         (outbox, rx)
     }
 
+    /// Its id, unique in the hub.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Why it ended, if it did.
     pub fn ended(&self) -> Ended {
         match self.ended.load(Ordering::Acquire) {

@@ -213,22 +213,15 @@ pub struct Subscription {
     pub starts: Vec<(ChannelName, Start)>,
     channels: Vec<Arc<Channel>>,
     pub(crate) hub: Arc<Hub>,
-    outbox_id: u64,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         let now = Instant::now();
         for c in &self.channels {
-            c.unsubscribe(self.outbox_id(), now);
+            c.unsubscribe(self.outbox.id(), now);
         }
         self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Subscription {
-    fn outbox_id(&self) -> u64 {
-        self.outbox_id
     }
 }
 
@@ -446,7 +439,6 @@ impl Hub {
             starts: Vec::with_capacity(names.len()),
             channels: Vec::with_capacity(names.len()),
             hub: self.clone(),
-            outbox_id: id,
         };
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         self.stats.subscribed.fetch_add(1, Ordering::Relaxed);

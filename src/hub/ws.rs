@@ -8,7 +8,7 @@
 use super::channel::{Ended, Item};
 use super::message::Message;
 use super::sse::gap_json;
-use super::{ChannelName, Hub, HubError, Subscription};
+use super::{ChannelName, Hub, Subscription};
 use bytes::Bytes;
 use fastwebsockets::{
     FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketError,
@@ -371,28 +371,16 @@ pub async fn serve_publisher(
             }
         };
         let reply = match item {
-            Some(Inbound::Message(data, _)) if data.len() > limit => {
-                let e = HubError::TooLarge {
-                    size: data.len(),
-                    limit,
-                };
-                crate::error::json_error_body(&e.to_string(), Some("message")).to_vec()
-            }
             Some(Inbound::Message(data, opcode)) => {
                 let content_type = if opcode == OpCode::Text {
                     "text/plain; charset=utf-8"
                 } else {
                     "application/octet-stream"
                 };
+                // The hub checks size, name and app; its refusal is the same JSON as over HTTP.
                 match hub.publish(&name, data, Some(content_type), None) {
                     Ok(p) => serde_json::to_vec(&p.info).unwrap_or_default(),
-                    Err(e) => {
-                        let field = match &e {
-                            HubError::Invalid { field, .. } => Some(*field),
-                            _ => None,
-                        };
-                        crate::error::json_error_body(&e.to_string(), field).to_vec()
-                    }
+                    Err(e) => crate::error::ApiError::from(e).body().to_vec(),
                 }
             }
             Some(Inbound::Pong(p)) => {
