@@ -5,7 +5,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STATIC_TARGET := x86_64-unknown-linux-gnu
 
-.PHONY: run test deps build release image bench-proxy bench-hub clean
+.PHONY: run test test-deps deps build release image bench-proxy bench-hub clean
 
 ## Install build prerequisites that a fresh Debian machine lacks.
 deps:
@@ -14,12 +14,19 @@ deps:
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake; }
 	@command -v $(CARGO) >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 
+## Test prerequisites: promtool and prometheus (Debian's `prometheus` package) for the
+## metrics tests.
+test-deps: deps
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (promtool and a server for the metrics tests)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; }
+
 ## Run the gateway on its built-in defaults (proxy :8080, admin 127.0.0.1:8081).
 run: deps
 	$(CARGO) run --release --bin nextgate
 
 ## Run the whole test suite, including the long WebSocket idle test.
-test: deps
+test: test-deps
 	$(CARGO) test --all-targets
 	$(CARGO) test --test proxy -- --ignored
 

@@ -14,8 +14,11 @@
 //! Credentials travel as `Authorization: Bearer ...`. Bodies are form-encoded or JSON, bounded
 //! in size; unknown fields are refused.
 
+use crate::balance::Balance;
+use crate::cost::CostModel;
 use crate::error::ApiError;
 use crate::http_server::{bearer, Body, Handler};
+use crate::metrics::Metrics;
 use crate::registry::token::AdminKey;
 use crate::registry::{validate, App, Registration, Registry};
 use async_trait::async_trait;
@@ -35,6 +38,8 @@ pub struct AdminApi {
     registry: Arc<Registry>,
     admin_key: AdminKey,
     max_body: usize,
+    model: Option<Arc<CostModel>>,
+    metrics: Option<(Arc<Metrics>, bool)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +64,7 @@ struct RegisterJson {
     name: Option<String>,
     endpoint: Option<EndpointField>,
     token: Option<String>,
+    balance: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +73,7 @@ struct RegisterForm {
     name: Option<String>,
     endpoint: Option<String>,
     token: Option<String>,
+    balance: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +173,51 @@ impl AdminApi {
             registry,
             admin_key,
             max_body,
+            model: None,
+            metrics: None,
+        }
+    }
+
+    /// Serve the cost model at `{name}/stats` and the metrics at `/metrics` (`public`: no key).
+    pub fn with_observability(
+        mut self,
+        model: Arc<CostModel>,
+        metrics: Arc<Metrics>,
+        public: bool,
+    ) -> Self {
+        self.model = Some(model);
+        self.metrics = Some((metrics, public));
+        self
+    }
+
+    fn metrics(&self, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
+        let Some((metrics, public)) = &self.metrics else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "metrics are not enabled",
+            ));
+        };
+        if !public {
+            self.require_admin(headers)?;
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(metrics.render())).boxed_unsync());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        Ok(resp)
+    }
+
+    fn stats(&self, headers: &HeaderMap, name: &str) -> Result<Response<Body>, ApiError> {
+        let app = self.require_admin_or_app(headers, name)?;
+        let view = self.model.as_ref().and_then(|m| m.app(app.name()));
+        match view {
+            Some(v) => Ok(ok_json(StatusCode::OK, &*v)),
+            // Registered since the last tick: nothing measured yet.
+            None => Ok(ok_json(
+                StatusCode::OK,
+                &serde_json::json!({"app": app.name(), "requests": 0, "backends": [], "routes": []}),
+            )),
         }
     }
 
@@ -295,15 +347,31 @@ impl AdminApi {
                 "registration needs a form-encoded or JSON body",
             ));
         }
-        let (name, endpoint, token) =
+        let (name, endpoint, token, balance) =
             match Self::decode::<RegisterJson, RegisterForm>(kind, &bytes)? {
-                Ok(j) => (j.name, j.endpoint.map(EndpointField::into_list), j.token),
+                Ok(j) => (
+                    j.name,
+                    j.endpoint.map(EndpointField::into_list),
+                    j.token,
+                    j.balance,
+                ),
                 Err(f) => (
                     f.name,
                     f.endpoint.map(|e| validate::split_endpoints(&e)),
                     f.token,
+                    f.balance,
                 ),
             };
+        let balance = match balance.as_deref() {
+            None | Some("") => None,
+            Some(b) => Some(Balance::parse(b).ok_or_else(|| {
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "balance",
+                    "`balance` must be \"peak_ewma\" or \"round_robin\"",
+                )
+            })?),
+        };
         let reg = Registration {
             name: required(name, "name")?,
             endpoints: endpoint.ok_or_else(|| {
@@ -314,6 +382,7 @@ impl AdminApi {
                 )
             })?,
             token: required(token, "token")?,
+            balance,
         };
         let (app, created) = self.registry.register(reg).await?;
         let status = if created {
@@ -367,6 +436,12 @@ impl AdminApi {
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
+        if path == "/metrics" {
+            return match method {
+                Method::GET | Method::HEAD => self.metrics(req.headers()),
+                _ => Err(method_not_allowed("GET")),
+            };
+        }
         if path == "/healthz" {
             return match method {
                 Method::GET | Method::HEAD => Ok(ok_json(
@@ -406,6 +481,8 @@ impl AdminApi {
                 Ok(json_response(StatusCode::NO_CONTENT, Bytes::new()))
             }
             ([_], _) => Err(method_not_allowed("GET, PUT, DELETE")),
+            ([name, "stats"], &Method::GET) => self.stats(req.headers(), name),
+            ([_, "stats"], _) => Err(method_not_allowed("GET")),
             ([name, "token"], &Method::POST) => self.rebind(name, req).await,
             ([_, "token"], _) => Err(method_not_allowed("POST")),
             _ => Err(ApiError::new(

@@ -3,12 +3,14 @@
 
 use crate::admin::AdminApi;
 use crate::config::{HealthKind, Settings};
+use crate::cost::{AppInput, CostModel};
 use crate::http_server::HyperApp;
 use crate::hub::api::HubApi;
 use crate::hub::store::HubStore;
 use crate::hub::ticket::Signer;
 use crate::hub::webhook::{WebhookSettings, Webhooks};
 use crate::hub::Hub;
+use crate::metrics::{Metrics, Sources};
 use crate::proxy::route::RouteConfig;
 use crate::proxy::{Gateway, ProxyConfig};
 use crate::registry::store::{FileStore, RegistryStore};
@@ -67,6 +69,9 @@ pub enum StartupError {
     /// TLS material problem.
     #[error("https listener: {0}")]
     Tls(String),
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// Runtime could not be built.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -150,6 +155,51 @@ impl BackgroundService for HubSweeper {
     }
 }
 
+/// Folds every app's counters into the cost model on each tick.
+struct ModelTicker {
+    model: Arc<CostModel>,
+    registry: Arc<Registry>,
+    tick: Duration,
+}
+
+impl ModelTicker {
+    fn fold(&self) {
+        let apps = self.registry.list();
+        let backends: Vec<Arc<std::collections::BTreeSet<pingora_load_balancing::Backend>>> =
+            apps.iter().map(|a| a.upstream.backends()).collect();
+        let inputs: Vec<AppInput<'_>> = apps
+            .iter()
+            .zip(&backends)
+            .map(|(app, set)| AppInput {
+                name: app.name(),
+                stats: &app.upstream.stats,
+                backends: set
+                    .iter()
+                    .filter_map(|b| {
+                        let i = crate::upstream::info(b)?;
+                        Some((i.endpoint.as_str(), app.upstream.healthy(b), &i.counters))
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.model.tick(&inputs, tokio::time::Instant::now());
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for ModelTicker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.fold(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 fn check_bind(key: &'static str, addr: SocketAddr) -> Result<(), StartupError> {
     std::net::TcpListener::bind(addr)
         .map(drop)
@@ -221,12 +271,12 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         max_header_bytes: settings.max_header_bytes,
         access_log: settings.access_log,
         hub_addr: local_peer(settings.hub.addr),
+        fail_penalty: settings.fail_penalty,
+        balance_decay: settings.balance_decay,
     };
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &conf,
-        Gateway::new(registry.clone(), proxy_cfg),
-        "proxy",
-    );
+    let gateway = Gateway::new(registry.clone(), proxy_cfg);
+    let unrouted = gateway.unrouted();
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(&conf, gateway, "proxy");
     proxy.add_tcp(&settings.proxy_addr.to_string());
     if let Some(tls) = &settings.https {
         let tls_settings =
@@ -235,11 +285,24 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         proxy.add_tls_with_settings(&tls.addr.to_string(), None, tls_settings);
     }
 
-    let admin_api = Arc::new(AdminApi::new(
-        registry.clone(),
-        AdminKey::new(&key),
-        settings.admin_max_body,
-    ));
+    let hub = Hub::new(settings.hub.clone(), registry.clone());
+    let model = Arc::new(CostModel::new(settings.model.params));
+    let metrics = Metrics::new(Sources {
+        registry: registry.clone(),
+        model: model.clone(),
+        hub: hub.clone(),
+        unrouted,
+        balance_decay: settings.balance_decay,
+    })
+    .map_err(|e| StartupError::Metrics(e.to_string()))?;
+    let admin_api = Arc::new(
+        AdminApi::new(
+            registry.clone(),
+            AdminKey::new(&key),
+            settings.admin_max_body,
+        )
+        .with_observability(model.clone(), Arc::new(metrics), settings.metrics_public),
+    );
     let mut admin = Service::new(
         "admin".to_string(),
         HyperApp::new(
@@ -252,7 +315,6 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     admin.threads = Some(1);
 
     let hub_store = Arc::new(HubStore::open(&settings.state_dir)?);
-    let hub = Hub::new(settings.hub.clone(), registry.clone());
     let signer = Signer::new(hub_secret.as_bytes());
     let (webhook_tx, webhook_rx) = tokio::sync::mpsc::unbounded_channel();
     let webhooks = Webhooks::new(
@@ -288,6 +350,14 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     server.add_service(events);
     server.add_service(background_service("hub sweeper", HubSweeper { hub }));
     server.add_service(background_service("webhooks", webhooks));
+    server.add_service(background_service(
+        "cost model",
+        ModelTicker {
+            model,
+            registry: registry.clone(),
+            tick: settings.model.tick,
+        },
+    ));
     if active_checks {
         let mut checker = HealthCheckService::new(health);
         checker.health_check_frequency = Some(settings.health_interval);

@@ -70,6 +70,8 @@ pub struct FileConfig {
     pub health: HealthFile,
     /// `[hub]`
     pub hub: HubFile,
+    /// `[model]`
+    pub model: ModelFile,
     /// `[log]`
     pub log: LogFile,
 }
@@ -149,6 +151,8 @@ pub struct AdminFile {
     pub max_body_bytes: usize,
     /// Most admin connections served at once.
     pub max_connections: usize,
+    /// Serve `GET /metrics` without the admin key (for scrapers on a trusted network).
+    pub metrics_public: bool,
 }
 
 impl Default for AdminFile {
@@ -157,6 +161,7 @@ impl Default for AdminFile {
             key: String::new(),
             max_body_bytes: 64 * 1024,
             max_connections: 256,
+            metrics_public: false,
         }
     }
 }
@@ -205,6 +210,12 @@ pub struct ProxyFile {
     pub fail_cooldown: String,
     /// Largest request header block (all header lines) accepted from clients, in bytes.
     pub max_header_bytes: usize,
+    /// Default backend selection: `peak_ewma` or `round_robin` (an app may choose its own).
+    pub balance: String,
+    /// Time constant of the balancer's per-backend latency estimate.
+    pub balance_decay: String,
+    /// Latency charged to a backend for a connect error or a 5xx (at least 1s).
+    pub fail_penalty: String,
 }
 
 impl Default for ProxyFile {
@@ -219,7 +230,71 @@ impl Default for ProxyFile {
             max_retries: 2,
             fail_cooldown: "5s".into(),
             max_header_bytes: 64 * 1024,
+            balance: "peak_ewma".into(),
+            balance_decay: "10s".into(),
+            fail_penalty: "1s".into(),
         }
+    }
+}
+
+/// `[model]`: the cost model fed by every proxied request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelFile {
+    /// How often counters are folded into the model.
+    pub tick: String,
+    /// Time constant of the model's averages.
+    pub decay: String,
+    /// Latency at or under which a request rate counts as sustained capacity.
+    pub acceptable_latency: String,
+    /// Route keys kept per app; further kinds of request are counted as `other`.
+    pub max_routes_per_app: usize,
+}
+
+impl Default for ModelFile {
+    fn default() -> Self {
+        Self {
+            tick: "250ms".into(),
+            decay: "10s".into(),
+            acceptable_latency: "500ms".into(),
+            max_routes_per_app: 64,
+        }
+    }
+}
+
+/// Validated `[model]`.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// Fold interval.
+    pub tick: Duration,
+    /// Maths parameters.
+    pub params: crate::cost::model::ModelParams,
+    /// Route keys per app.
+    pub max_routes: usize,
+}
+
+impl ModelFile {
+    fn validate(&self) -> Result<ModelSettings, ConfigError> {
+        let tick = duration("model.tick", &self.tick)?;
+        if tick < Duration::from_millis(10) || tick > Duration::from_secs(10) {
+            return Err(invalid("model.tick", "must be between 10ms and 10s"));
+        }
+        let decay = duration("model.decay", &self.decay)?;
+        if decay < tick {
+            return Err(invalid("model.decay", "must be at least model.tick"));
+        }
+        let acceptable_latency = duration("model.acceptable_latency", &self.acceptable_latency)?;
+        if acceptable_latency.is_zero() {
+            return Err(invalid("model.acceptable_latency", "must be positive"));
+        }
+        Ok(ModelSettings {
+            tick,
+            params: crate::cost::model::ModelParams {
+                decay,
+                acceptable_latency,
+            },
+            max_routes: positive("model.max_routes_per_app", self.max_routes_per_app)?,
+        })
     }
 }
 
@@ -499,6 +574,8 @@ pub struct Settings {
     pub admin_max_body: usize,
     /// Admin API connection limit.
     pub admin_max_connections: usize,
+    /// `/metrics` without a credential.
+    pub metrics_public: bool,
     /// Registration mode.
     pub registry_mode: RegistryMode,
     /// Shortest token.
@@ -535,6 +612,14 @@ pub struct Settings {
     pub unhealthy_threshold: usize,
     /// Event hub.
     pub hub: HubSettings,
+    /// Default backend selection.
+    pub balance: crate::balance::Balance,
+    /// Balancer latency time constant.
+    pub balance_decay: Duration,
+    /// Latency charged for a failed attempt.
+    pub fail_penalty: Duration,
+    /// Cost model.
+    pub model: ModelSettings,
     /// Log filter.
     pub log_level: String,
     /// Log format.
@@ -720,6 +805,24 @@ impl Settings {
             return Err(invalid("log.level", e.to_string()));
         }
 
+        let balance = crate::balance::Balance::parse(&f.proxy.balance).ok_or_else(|| {
+            invalid(
+                "proxy.balance",
+                format!(
+                    "`{}` is not one of \"peak_ewma\", \"round_robin\"",
+                    f.proxy.balance
+                ),
+            )
+        })?;
+        let balance_decay = duration("proxy.balance_decay", &f.proxy.balance_decay)?;
+        if balance_decay < Duration::from_millis(100) {
+            return Err(invalid("proxy.balance_decay", "must be at least 100ms"));
+        }
+        let fail_penalty = duration("proxy.fail_penalty", &f.proxy.fail_penalty)?;
+        if fail_penalty < Duration::from_secs(1) {
+            return Err(invalid("proxy.fail_penalty", "must be at least 1s"));
+        }
+
         Ok(Settings {
             threads,
             work_stealing: f.server.work_stealing,
@@ -734,6 +837,7 @@ impl Settings {
             admin_key,
             admin_max_body: positive("admin.max_body_bytes", f.admin.max_body_bytes)?,
             admin_max_connections: positive("admin.max_connections", f.admin.max_connections)?,
+            metrics_public: f.admin.metrics_public,
             registry_mode,
             min_token_length: f.registry.min_token_length,
             max_endpoints: positive("registry.max_endpoints", f.registry.max_endpoints)?,
@@ -755,6 +859,10 @@ impl Settings {
                 f.health.unhealthy_threshold,
             )?,
             hub: f.hub.validate(&f.listen.events)?,
+            balance,
+            balance_decay,
+            fail_penalty,
+            model: f.model.validate()?,
             log_level: f.log.level,
             log_format,
             access_log: f.log.access,

@@ -7,18 +7,24 @@
 //! - [`registry`]: registered apps, tokens ([`registry::token`]), input checks
 //!   ([`registry::validate`]) and durable state ([`registry::store`]).
 //! - [`upstream`]: an app's load-balanced backends, passive failure marks, the health check.
+//! - [`balance`]: backend selection: peak-EWMA power of two choices, or round robin.
+//! - [`cost`]: request counters (atomics) and the cost model's pure maths (EWMAs, route keys).
 //! - [`proxy`]: the Pingora `ProxyHttp` that routes by app name ([`proxy::route`] is pure).
 //! - [`admin`]: the registry's HTTP API on the admin listener.
 //! - [`http_server`]: hyper handlers served on Pingora listeners.
 //! - [`hub`]: the event hub: channels, publish, WebSocket and SSE subscribers, replay, tickets.
+//! - [`metrics`]: every Prometheus metric, read from the counters at scrape time.
 //! - [`error`]: errors at the HTTP edge as status + JSON.
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod http_server;
 pub mod hub;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod upstream;

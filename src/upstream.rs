@@ -3,10 +3,13 @@
 //!
 //! The set lives in an `ArcSwap` read by a [`ServiceDiscovery`]; replacing it and calling
 //! `update` swaps the selector atomically, so requests in flight keep the backend they chose and
-//! new requests see the new set at once. Selection is round robin for now and stays behind
-//! [`Upstream::select`], the one place that names the algorithm.
+//! new requests see the new set at once. Selection is peak-EWMA power of two choices or round
+//! robin ([`crate::balance`]), chosen per app, behind [`Upstream::select`].
 
+use crate::balance::peak::PeakLatency;
+use crate::balance::{Balance, P2c, P2cParams};
 use crate::config::{HealthKind, Settings};
+use crate::cost::counters::{AppStats, Counters};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -20,9 +23,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-/// The selection algorithm in use.
-type Selection = RoundRobin;
 
 /// Most candidates looked at when selecting a backend.
 const MAX_SELECT_ITERATIONS: usize = 256;
@@ -38,6 +38,10 @@ pub struct BackendInfo {
     pub sni: String,
     /// Milliseconds since [`clock_origin`] of the last connection failure, 0 for none.
     failed_at_ms: AtomicU64,
+    /// Requests to this backend: the cost model reads them, the balancer its in-flight count.
+    pub counters: Counters,
+    /// Peak-EWMA response time, for the balancer.
+    pub peak: PeakLatency,
 }
 
 fn clock_origin() -> Instant {
@@ -97,22 +101,73 @@ impl ServiceDiscovery for SharedSet {
     }
 }
 
-/// An app's load-balanced backends.
+enum Lb {
+    PeakEwma(LoadBalancer<P2c>),
+    RoundRobin(LoadBalancer<RoundRobin>),
+}
+
+impl Lb {
+    fn select_with(&self, key: &[u8], accept: impl Fn(&Backend, bool) -> bool) -> Option<Backend> {
+        match self {
+            Lb::PeakEwma(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Lb::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+        }
+    }
+
+    fn backends(&self) -> &Backends {
+        match self {
+            Lb::PeakEwma(lb) => lb.backends(),
+            Lb::RoundRobin(lb) => lb.backends(),
+        }
+    }
+
+    async fn update(&self) -> pingora_core::Result<()> {
+        match self {
+            Lb::PeakEwma(lb) => lb.update().await,
+            Lb::RoundRobin(lb) => lb.update().await,
+        }
+    }
+}
+
+/// An app's load-balanced backends and what its requests cost.
 pub struct Upstream {
-    lb: LoadBalancer<Selection>,
+    lb: Lb,
+    balance: Balance,
     set: Arc<ArcSwap<BTreeSet<Backend>>>,
+    /// The app's request counters and route keys (kept across versions of the app).
+    pub stats: Arc<AppStats>,
 }
 
 impl Upstream {
-    /// An empty upstream whose health comes from `health`.
-    pub fn new(health: &Arc<HealthRegistry>) -> Self {
+    /// An empty upstream balanced by `balance`, whose health comes from `health`, counting
+    /// into `stats`.
+    pub fn new(
+        health: &Arc<HealthRegistry>,
+        balance: Balance,
+        params: P2cParams,
+        stats: Arc<AppStats>,
+    ) -> Self {
         let set = Arc::new(ArcSwap::from_pointee(BTreeSet::new()));
         let backends =
             Backends::new_with_health_registry(Box::new(SharedSet(set.clone())), health.clone());
+        let lb = match balance {
+            Balance::PeakEwma => Lb::PeakEwma(LoadBalancer::from_backends_with_config(
+                backends,
+                Some(params),
+            )),
+            Balance::RoundRobin => Lb::RoundRobin(LoadBalancer::from_backends(backends)),
+        };
         Self {
-            lb: LoadBalancer::from_backends(backends),
+            lb,
+            balance,
             set,
+            stats,
         }
+    }
+
+    /// The selection algorithm.
+    pub fn balance(&self) -> Balance {
+        self.balance
     }
 
     /// Replace the backend set. Backends that stay keep their passive failure state.
@@ -133,6 +188,8 @@ impl Upstream {
                     tls: t.tls,
                     sni: t.sni.clone(),
                     failed_at_ms: AtomicU64::new(0),
+                    counters: Counters::default(),
+                    peak: PeakLatency::default(),
                 })
             });
             let mut b = Backend {
@@ -148,6 +205,23 @@ impl Upstream {
         if let Err(e) = self.lb.update().await {
             tracing::error!(error = %e, "backend set update failed");
         }
+    }
+
+    /// The current backends as targets (to rebuild them elsewhere).
+    pub fn targets(&self) -> Vec<Target> {
+        self.set
+            .load()
+            .iter()
+            .filter_map(|b| {
+                let i = info(b)?;
+                Some(Target {
+                    endpoint: i.endpoint.clone(),
+                    addr: *b.addr.as_inet()?,
+                    tls: i.tls,
+                    sni: i.sni.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The current backends.
@@ -168,15 +242,12 @@ impl Upstream {
             _ => false,
         };
         self.lb
-            .select_with(key, MAX_SELECT_ITERATIONS, |b, healthy| {
+            .select_with(key, |b, healthy| {
                 healthy && untried(b) && !info(b).is_some_and(|i| i.cooling_down(cooldown))
             })
             .or_else(|| {
                 // Every healthy backend failed recently: trying one beats refusing the request.
-                self.lb
-                    .select_with(key, MAX_SELECT_ITERATIONS, |b, healthy| {
-                        healthy && untried(b)
-                    })
+                self.lb.select_with(key, |b, healthy| healthy && untried(b))
             })
     }
 }

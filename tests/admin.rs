@@ -768,3 +768,50 @@ fn cli_checks_config_and_names_the_key() {
     let out = run(&["--help"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
 }
+
+#[tokio::test]
+async fn balance_choice_is_validated_and_survives_kill_9() {
+    let mut gw = Gateway::start(NO_PROBES).await;
+    let (status, body) = post_json(
+        &gw,
+        json!({"name": "lb", "endpoint": "http://127.0.0.1:9", "token": TOKEN_A, "balance": "fastest"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "balance", "{body}");
+    let (status, body) = post_form(
+        &gw,
+        &format!("name=lb&endpoint=http://127.0.0.1:9&token={TOKEN_A}&balance=round_robin"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["balance"], "round_robin");
+    // Re-registering without a choice keeps it; the default is peak_ewma.
+    let (status, body) = post_json(
+        &gw,
+        json!({"name": "lb", "endpoint": "http://127.0.0.1:10", "token": TOKEN_A}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["balance"], "round_robin");
+    let (_, body) = post_json(
+        &gw,
+        json!({"name": "dflt", "endpoint": "http://127.0.0.1:9", "token": TOKEN_B}),
+    )
+    .await;
+    assert_eq!(body["balance"], "peak_ewma");
+    gw.kill9();
+    gw.restart().await;
+    let r = Client::new()
+        .get(gw.admin_url("/v3/events/processes/lb"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("get");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["balance"], "round_robin", "{body}");
+    assert_eq!(
+        body["backends"][0]["endpoint"], "http://127.0.0.1:10",
+        "{body}"
+    );
+}

@@ -245,24 +245,37 @@ async fn load_spreads_over_three_backends() {
         Backend::start("b").await,
         Backend::start("c").await,
     ];
-    gw.register("spread", &urls(&[&bs[0], &bs[1], &bs[2]]), TOKEN)
+    let endpoints = urls(&[&bs[0], &bs[1], &bs[2]]);
+    // Round robin: an even split. Peak EWMA (the default): every equal backend gets a share.
+    gw.register_balanced("rr", &endpoints, TOKEN, Some("round_robin"))
         .await;
+    gw.register("p2c", &endpoints, TOKEN).await;
     let c = Client::new();
-    for _ in 0..300 {
-        let r = c
-            .get(gw.proxy_url("/v3/spread/id"))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status(), 200);
+    let mut seen = Vec::new();
+    for app in ["rr", "p2c"] {
+        for _ in 0..300 {
+            let r = c
+                .get(gw.proxy_url(&format!("/v3/{app}/id")))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), 200);
+        }
+        seen.push(
+            bs.iter()
+                .map(|b| b.hits.load(Ordering::Relaxed))
+                .collect::<Vec<_>>(),
+        );
     }
-    for b in &bs {
-        let hits = b.hits.load(Ordering::Relaxed);
+    for (i, b) in bs.iter().enumerate() {
+        let rr = seen[0][i];
+        let p2c = seen[1][i] - seen[0][i];
         assert!(
-            (80..=120).contains(&hits),
-            "backend {} got {hits} of 300",
+            (90..=110).contains(&rr),
+            "round robin: {} got {rr} of 300",
             b.id
         );
+        assert!(p2c >= 30, "peak ewma: {} got {p2c} of 300 ({seen:?})", b.id);
     }
 }
 

@@ -5,9 +5,16 @@
 //! not yet tried, retries connection failures (and idempotent requests that failed before any
 //! response byte reached the client) on another backend, marks failing backends passively, and
 //! answers every failure with a JSON body.
+//!
+//! Timing: each request counts into its app, its route key and the backend of each attempt
+//! (atomics only, [`crate::cost::counters`]): in flight while it runs, then its total time,
+//! backend time (connect start to the end of the response: the request's cost), connect and
+//! first-byte times, status, bytes and retries. The backend's peak-EWMA latency, which the
+//! balancer reads, is fed on the same step; a failed attempt is charged `fail_penalty`.
 
 pub mod route;
 
+use crate::cost::counters::{self as cost, RouteStats, Sample};
 use crate::error::json_error_body;
 use crate::registry::{App, Registry};
 use crate::upstream::{self, BackendInfo};
@@ -53,6 +60,45 @@ pub struct ProxyConfig {
     pub access_log: bool,
     /// The event hub's listener, where `{prefix}/events/` requests are forwarded.
     pub hub_addr: SocketAddr,
+    /// Latency charged to a backend for a failed attempt.
+    pub fail_penalty: Duration,
+    /// Time constant of the balancer's latency estimate.
+    pub balance_decay: Duration,
+}
+
+/// One attempt on one backend: counted in flight on it until dropped.
+pub struct Attempt {
+    /// The backend.
+    pub info: Arc<BackendInfo>,
+    /// When the backend was chosen (the attempt's start).
+    pub started: Instant,
+    /// When the connection was ready.
+    pub connected: Option<Instant>,
+}
+
+impl Attempt {
+    fn new(info: Arc<BackendInfo>) -> Self {
+        info.counters.begin();
+        Self {
+            info,
+            started: Instant::now(),
+            connected: None,
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.info.counters.abandon();
+    }
+}
+
+/// The app-side counters a request was entered into.
+pub struct Counted {
+    /// Its route key.
+    pub route: Arc<RouteStats>,
+    /// Index in [`cost::METHODS`].
+    pub method: usize,
 }
 
 /// Per-request state.
@@ -70,8 +116,12 @@ pub struct RequestCtx {
     pub request_id: Option<String>,
     /// Backends tried, in order.
     pub tried: Vec<SocketAddr>,
-    /// The backend of the current attempt.
-    pub backend: Option<Arc<BackendInfo>>,
+    /// The current attempt.
+    pub attempt: Option<Attempt>,
+    /// Entered into its app's counters (in flight until `logging`).
+    pub counted: Option<Counted>,
+    /// When the first response header arrived from the backend.
+    pub first_byte: Option<Instant>,
     /// Upgrade or event-stream request: no upstream read timeout.
     pub long_lived: bool,
     /// For the gateway's own event hub.
@@ -84,6 +134,7 @@ pub struct Gateway {
     cfg: ProxyConfig,
     id_prefix: u64,
     id_counter: AtomicU64,
+    unrouted: Arc<AtomicU64>,
 }
 
 impl Gateway {
@@ -94,6 +145,67 @@ impl Gateway {
             cfg,
             id_prefix: u64::from_le_bytes(crate::registry::token::random_bytes::<8>()),
             id_counter: AtomicU64::new(0),
+            unrouted: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Requests that matched no route or no registered app (a counter for metrics).
+    pub fn unrouted(&self) -> Arc<AtomicU64> {
+        self.unrouted.clone()
+    }
+
+    /// Close a request's timing: app, route key and backend counters, and the balancer's
+    /// latency estimate.
+    fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let attempt = ctx.attempt.take();
+        let (Some(app), Some(counted)) = (ctx.app.as_ref(), ctx.counted.take()) else {
+            return;
+        };
+        let status = session
+            .as_ref()
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let stats = &app.upstream.stats;
+        if ctx.long_lived {
+            // A stream's duration is not a request's latency: count it, keep it out of the maths.
+            stats.counters.abandon();
+            counted.route.counters.abandon();
+            stats.count_status(counted.method, status);
+            return;
+        }
+        let now = Instant::now();
+        let failed = status >= 500
+            || (status == 0 && e.is_some_and(|e| e.esource() != &ErrorSource::Downstream));
+        let sample = Sample {
+            status,
+            failed,
+            total: ctx
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            upstream: attempt
+                .as_ref()
+                .map(|a| now.saturating_duration_since(a.started)),
+            connect: attempt
+                .as_ref()
+                .and_then(|a| a.connected.map(|c| c.saturating_duration_since(a.started))),
+            first_byte: attempt.as_ref().and_then(|a| {
+                let c = a.connected?;
+                ctx.first_byte.map(|f| f.saturating_duration_since(c))
+            }),
+            bytes_in: session.as_ref().body_bytes_read() as u64,
+            bytes_out: session.as_ref().body_bytes_sent() as u64,
+            retries: ctx.tried.len().saturating_sub(1) as u32,
+        };
+        stats.end(counted.method, &counted.route, &sample);
+        if let Some(a) = &attempt {
+            a.info.counters.finish(&sample);
+            let mut ms = sample.upstream.unwrap_or_default().as_secs_f64() * 1000.0;
+            if failed {
+                ms = ms.max(self.cfg.fail_penalty.as_secs_f64() * 1000.0);
+            }
+            a.info
+                .peak
+                .observe(ms, crate::balance::clock_ms(), self.cfg.balance_decay);
         }
     }
 
@@ -205,16 +317,28 @@ impl ProxyHttp for Gateway {
                 return Ok(false);
             }
             Route::NotFound => {
+                self.unrouted.fetch_add(1, Ordering::Relaxed);
                 let body = json_error_body("no route matches this request", None);
                 self.respond(session, ctx, 404, body, false).await?;
                 return Ok(true);
             }
         };
         let Some(app) = self.registry.get(&name) else {
+            self.unrouted.fetch_add(1, Ordering::Relaxed);
             let body = json_error_body(&format!("no app named `{name}` is registered"), None);
             self.respond(session, ctx, 404, body, false).await?;
             return Ok(true);
         };
+        let method = req.method.as_str();
+        let app_path = upstream_path.as_deref().unwrap_or(path);
+        let stats = &app.upstream.stats;
+        let route = stats.routes.get(method, app_path);
+        stats.counters.begin();
+        route.counters.begin();
+        ctx.counted = Some(Counted {
+            route,
+            method: cost::method_index(method),
+        });
         ctx.long_lived = long_lived;
         if ctx.long_lived {
             // An open WebSocket or event stream may be quiet for long: no client idle cut-off.
@@ -264,7 +388,8 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map_or((false, String::new()), |i| (i.tls, i.sni.clone()));
         ctx.tried.push(addr);
-        ctx.backend = info;
+        // Replacing the previous attempt ends it on its backend.
+        ctx.attempt = info.map(Attempt::new);
         let mut peer = HttpPeer::new(addr, tls, sni);
         let o = &mut peer.options;
         o.connection_timeout = Some(self.cfg.connect_timeout);
@@ -316,8 +441,11 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(b) = &ctx.backend {
-            b.mark_ok();
+        if ctx.first_byte.is_none() {
+            ctx.first_byte = Some(Instant::now());
+        }
+        if let Some(a) = &ctx.attempt {
+            a.info.mark_ok();
         }
         if let Some(id) = &ctx.request_id {
             if !upstream_response.headers.contains_key(REQUEST_ID) {
@@ -334,8 +462,21 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(b) = &ctx.backend {
-            b.mark_failed();
+        // The failed attempt counts on its backend, charged the penalty latency.
+        if let Some(a) = ctx.attempt.take() {
+            a.info.mark_failed();
+            let sample = Sample {
+                failed: true,
+                total: a.started.elapsed(),
+                upstream: Some(a.started.elapsed()),
+                ..Sample::default()
+            };
+            a.info.counters.finish(&sample);
+            a.info.peak.observe(
+                self.cfg.fail_penalty.as_secs_f64() * 1000.0,
+                crate::balance::clock_ms(),
+                self.cfg.balance_decay,
+            );
         }
         // Nothing reached the backend: safe to try another one for any method.
         e.set_retry(self.may_retry(ctx));
@@ -403,9 +544,27 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(a) = &mut ctx.attempt {
+            a.connected = Some(Instant::now());
+        }
+        Ok(())
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let elapsed = ctx.started.map(|s| s.elapsed());
         ctx.elapsed = elapsed;
+        let backend = ctx.attempt.as_ref().map(|a| a.info.clone());
+        self.record(session, e, ctx);
         if self.cfg.access_log {
             let req = session.req_header();
             let status = session
@@ -419,7 +578,7 @@ impl ProxyHttp for Gateway {
                 path = %req.uri,
                 status,
                 duration_us = elapsed.map_or(0, |d| d.as_micros() as u64),
-                backend = ctx.backend.as_ref().map_or("", |b| b.endpoint.as_str()),
+                backend = backend.as_ref().map_or("", |b| b.endpoint.as_str()),
                 attempts = ctx.tried.len(),
                 request_id = ctx.request_id.as_deref().unwrap_or(""),
                 error = e.map(|e| e.to_string()),

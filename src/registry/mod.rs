@@ -10,6 +10,7 @@ pub mod token;
 pub mod validate;
 
 use crate::config::{RegistryMode, Settings};
+use crate::cost::counters::AppStats;
 use crate::upstream::{Target, Upstream};
 use arc_swap::ArcSwap;
 use pingora_load_balancing::HealthRegistry;
@@ -59,6 +60,8 @@ pub struct Registration {
     pub endpoints: Vec<String>,
     /// App token.
     pub token: String,
+    /// Backend selection; `None` keeps the app's current choice (or the configured default).
+    pub balance: Option<crate::balance::Balance>,
 }
 
 /// A registered (or provisioned) app: an immutable record plus its live upstream.
@@ -110,6 +113,7 @@ impl App {
             provisioned: self.record.provisioned,
             registered_at: rfc3339(self.record.registered_at_ms),
             updated_at: rfc3339(self.record.updated_at_ms),
+            balance: self.upstream.balance().as_str(),
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct AppView {
     pub registered_at: String,
     /// Last change (RFC 3339).
     pub updated_at: String,
+    /// Backend selection in use.
+    pub balance: &'static str,
 }
 
 /// JSON description of a backend.
@@ -163,6 +169,9 @@ pub struct Registry {
     mode: RegistryMode,
     min_token_length: usize,
     max_endpoints: usize,
+    balance: crate::balance::Balance,
+    p2c: crate::balance::P2cParams,
+    max_routes: usize,
 }
 
 async fn resolve(ep: &Endpoint) -> Result<SocketAddr, String> {
@@ -208,6 +217,12 @@ async fn targets(endpoints: &[Endpoint]) -> Result<Vec<Target>, RegistryError> {
     Ok(out)
 }
 
+fn p2c_params(settings: &Settings) -> crate::balance::P2cParams {
+    crate::balance::P2cParams {
+        decay: settings.balance_decay,
+    }
+}
+
 impl Registry {
     /// Open the registry: load every stored app and build its upstream. A corrupt store is an
     /// error. Endpoints whose host no longer resolves are logged and left out of the set.
@@ -226,7 +241,13 @@ impl Registry {
                 })?),
                 None => None,
             };
-            let upstream = Arc::new(Upstream::new(&health));
+            let balance = record.balance.unwrap_or(settings.balance);
+            let upstream = Arc::new(Upstream::new(
+                &health,
+                balance,
+                p2c_params(settings),
+                Arc::new(AppStats::new(settings.model.max_routes)),
+            ));
             let mut set = Vec::new();
             for raw in &record.endpoints {
                 let resolved = match validate::endpoint(raw) {
@@ -261,6 +282,9 @@ impl Registry {
             mode: settings.registry_mode,
             min_token_length: settings.min_token_length,
             max_endpoints: settings.max_endpoints,
+            balance: settings.balance,
+            p2c: p2c_params(settings),
+            max_routes: settings.model.max_routes,
         })
     }
 
@@ -334,6 +358,7 @@ impl Registry {
             provisioned,
             registered_at_ms,
             updated_at_ms: now,
+            balance: reg.balance.or(existing.and_then(|a| a.record.balance)),
         };
         let app = self
             .replace(&current, record, Some(token), Some(&targets))
@@ -377,6 +402,7 @@ impl Registry {
             provisioned: true,
             registered_at_ms: existing.map_or(now, |a| a.record.registered_at_ms),
             updated_at_ms: now,
+            balance: existing.and_then(|a| a.record.balance),
         };
         let created = existing.is_none();
         let app = self
@@ -427,10 +453,31 @@ impl Registry {
         token: Option<TokenHash>,
         targets: Option<&[Target]>,
     ) -> Result<Arc<App>, RegistryError> {
-        let upstream = current
-            .get(&record.name)
-            .map(|a| a.upstream.clone())
-            .unwrap_or_else(|| Arc::new(Upstream::new(&self.health)));
+        let balance = record.balance.unwrap_or(self.balance);
+        let existing = current.get(&record.name).map(|a| a.upstream.clone());
+        // The balancer is kept across versions unless the app chose another algorithm; a new
+        // one keeps the app's counters and gets the current backends.
+        let (upstream, carry) = match existing {
+            Some(u) if u.balance() == balance => (u, None),
+            Some(u) => (
+                Arc::new(Upstream::new(
+                    &self.health,
+                    balance,
+                    self.p2c,
+                    u.stats.clone(),
+                )),
+                Some(u.targets()),
+            ),
+            None => (
+                Arc::new(Upstream::new(
+                    &self.health,
+                    balance,
+                    self.p2c,
+                    Arc::new(AppStats::new(self.max_routes)),
+                )),
+                None,
+            ),
+        };
         let app = Arc::new(App {
             record,
             token,
@@ -439,8 +486,10 @@ impl Registry {
         let mut next = current.clone();
         next.insert(app.record.name.clone(), app.clone());
         self.persist(&next).await?;
-        if let Some(t) = targets {
-            app.upstream.set_targets(t).await;
+        match (targets, carry) {
+            (Some(t), _) => app.upstream.set_targets(t).await,
+            (None, Some(t)) => app.upstream.set_targets(&t).await,
+            (None, None) => {}
         }
         self.apps.store(Arc::new(next));
         Ok(app)

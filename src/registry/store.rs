@@ -30,6 +30,9 @@ pub struct AppRecord {
     pub registered_at_ms: u64,
     /// Last change, Unix milliseconds.
     pub updated_at_ms: u64,
+    /// Backend selection chosen at registration; `None` follows `proxy.balance`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::balance::Balance>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -179,6 +182,7 @@ mod tests {
 
     fn rec(name: &str) -> AppRecord {
         AppRecord {
+            balance: None,
             name: name.into(),
             endpoints: vec!["http://127.0.0.1:1".into()],
             token_hash: None,

@@ -210,9 +210,24 @@ impl Gateway {
         endpoints: &[String],
         token: &str,
     ) -> reqwest::StatusCode {
+        self.register_balanced(name, endpoints, token, None).await
+    }
+
+    /// Register `name` with a `balance` choice (`None`: the gateway's default).
+    pub async fn register_balanced(
+        &self,
+        name: &str,
+        endpoints: &[String],
+        token: &str,
+        balance: Option<&str>,
+    ) -> reqwest::StatusCode {
+        let mut body = serde_json::json!({"name": name, "endpoint": endpoints, "token": token});
+        if let Some(b) = balance {
+            body["balance"] = b.into();
+        }
         let resp = reqwest::Client::new()
             .post(self.admin_url("/v3/events/processes/register"))
-            .json(&serde_json::json!({"name": name, "endpoint": endpoints, "token": token}))
+            .json(&body)
             .send()
             .await
             .expect("register request");
@@ -237,10 +252,15 @@ impl Drop for Gateway {
 /// - `POST /upload` -> reads the body streaming; replies with its length and checksum
 /// - `GET /stream-gated` -> first chunk, then waits for `release()` before the last chunk
 /// - `GET /ws` -> WebSocket echo
+/// - `GET /work...` -> waits `delay_ms`, then answers `status` (200 unless set) with the id
 pub struct Backend {
     pub id: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Delay of `/work` answers, ms.
+    pub delay_ms: Arc<AtomicU64>,
+    /// Status of `/work` answers (0 = 200).
+    pub status: Arc<AtomicU64>,
     /// Bytes of request bodies received so far (all requests).
     pub body_bytes: Arc<AtomicU64>,
     pub gate: Arc<Notify>,
@@ -269,6 +289,8 @@ fn full(s: impl Into<Bytes>) -> BoxBody {
 struct Ctx {
     id: String,
     hits: Arc<AtomicU64>,
+    delay_ms: Arc<AtomicU64>,
+    status: Arc<AtomicU64>,
     body_bytes: Arc<AtomicU64>,
     gate: Arc<Notify>,
 }
@@ -279,6 +301,18 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<BoxBod
     let query = req.uri().query().unwrap_or("").to_string();
     let resp = match path.as_str() {
         "/id" => Response::new(full(ctx.id.clone())),
+        p if p.starts_with("/work") => {
+            let delay = ctx.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let mut r = Response::new(full(ctx.id.clone()));
+            let status = ctx.status.load(Ordering::Relaxed) as u16;
+            if status != 0 {
+                *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+            }
+            r
+        }
         p if p.starts_with("/echo") => {
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
@@ -427,6 +461,8 @@ impl Backend {
         let ctx = Arc::new(Ctx {
             id: id.to_string(),
             hits: Arc::new(AtomicU64::new(0)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            status: Arc::new(AtomicU64::new(0)),
             body_bytes: Arc::new(AtomicU64::new(0)),
             gate: Arc::new(Notify::new()),
         });
@@ -458,6 +494,8 @@ impl Backend {
             id: id.to_string(),
             addr,
             hits: ctx.hits.clone(),
+            delay_ms: ctx.delay_ms.clone(),
+            status: ctx.status.clone(),
             body_bytes: ctx.body_bytes.clone(),
             gate: ctx.gate.clone(),
             task,

@@ -1,0 +1,105 @@
+//! A backend's peak-EWMA latency in one `AtomicU64`, updated with a compare-and-swap on every
+//! response: no lock on the request path.
+//!
+//! The word holds the estimate in milliseconds as an `f32` (high half) and the time of the last
+//! update in milliseconds since the gateway's clock origin (low half, 0 = never sampled; it
+//! wraps after 49 days, which only makes one decay step wrong). A sample above the estimate
+//! replaces it; a lower one decays it with the time constant. Between samples the estimate
+//! decays towards zero, so a backend that was slow once gets tried again after a while.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Pure decay step: the estimate `value` (ms) updated at `then` (ms), seen at `now`.
+pub fn decayed(value: f64, then: u32, now: u32, decay: Duration) -> f64 {
+    let dt = f64::from(now.wrapping_sub(then)) / 1000.0;
+    value * (-dt / decay.as_secs_f64().max(1e-9)).exp()
+}
+
+/// Pure update step: a sample of `rtt_ms` at `now` against `value` updated at `then`.
+pub fn observe(value: f64, then: u32, now: u32, rtt_ms: f64, decay: Duration) -> f64 {
+    if then == 0 || rtt_ms >= value {
+        return rtt_ms;
+    }
+    let dt = f64::from(now.wrapping_sub(then)) / 1000.0;
+    let keep = (-dt / decay.as_secs_f64().max(1e-9)).exp();
+    value * keep + rtt_ms * (1.0 - keep)
+}
+
+fn pack(value: f64, at: u32) -> u64 {
+    (u64::from((value as f32).to_bits()) << 32) | u64::from(at)
+}
+
+fn unpack(word: u64) -> (f64, u32) {
+    (f64::from(f32::from_bits((word >> 32) as u32)), word as u32)
+}
+
+/// The estimate of one backend.
+#[derive(Debug, Default)]
+pub struct PeakLatency {
+    word: AtomicU64,
+}
+
+impl PeakLatency {
+    /// Add a response time of `rtt_ms` seen at `now` (ms since the clock origin, never 0).
+    pub fn observe(&self, rtt_ms: f64, now: u32, decay: Duration) {
+        let now = now.max(1);
+        let mut cur = self.word.load(Ordering::Relaxed);
+        loop {
+            let (value, then) = unpack(cur);
+            let next = pack(observe(value, then, now, rtt_ms, decay), now);
+            match self
+                .word
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// The estimate at `now`, or `None` when the backend was never sampled.
+    pub fn get(&self, now: u32, decay: Duration) -> Option<f64> {
+        let (value, then) = unpack(self.word.load(Ordering::Relaxed));
+        (then != 0).then(|| decayed(value, then, now, decay))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn first_sample_and_peaks_replace_the_estimate() {
+        let p = PeakLatency::default();
+        assert_eq!(p.get(5, D), None);
+        p.observe(20.0, 1000, D);
+        assert_eq!(p.get(1000, D), Some(20.0));
+        p.observe(300.0, 1001, D);
+        assert_eq!(p.get(1001, D), Some(300.0));
+    }
+
+    #[test]
+    fn lower_samples_decay_it_by_elapsed_time() {
+        let p = PeakLatency::default();
+        p.observe(100.0, 1000, D);
+        // 10 s later a 10 ms sample: 100 e^-1 + 10 (1 - e^-1) = 43.10915
+        p.observe(10.0, 11_000, D);
+        let v = p.get(11_000, D).unwrap_or(0.0);
+        assert!((v - 43.109_15).abs() < 1e-3, "{v}");
+        // Without samples it keeps decaying: 20 s more is e^-2.
+        let later = p.get(31_000, D).unwrap_or(0.0);
+        assert!((later - v * (-2f64).exp()).abs() < 1e-3, "{later}");
+    }
+
+    #[test]
+    fn a_fast_sample_right_after_a_peak_barely_moves_it() {
+        let p = PeakLatency::default();
+        p.observe(1000.0, 1000, D); // a penalty
+        p.observe(1.0, 1001, D); // 1 ms later, a fast answer
+        let v = p.get(1001, D).unwrap_or(0.0);
+        assert!(v > 999.0, "{v}");
+    }
+}

@@ -1,0 +1,259 @@
+//! The cost model: what every proxied request costs, per app, per backend and per route key.
+//!
+//! - [`counters`]: what the request path writes (atomics only, no locks once a route is known).
+//! - [`ewma`]: time-decayed averages, pure.
+//! - [`model`]: folds counter readings into figures on a tick, pure.
+//! - [`route_key`]: method + path template, pure.
+//! - [`CostModel`]: holds the model state and publishes snapshots for the stats API, metrics and
+//!   the scaler.
+
+pub mod counters;
+pub mod ewma;
+pub mod model;
+pub mod route_key;
+
+use arc_swap::ArcSwap;
+use counters::{AppStats, Counters};
+use model::{ModelParams, Series, SeriesView};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// One app's counters, as the model's tick reads them.
+pub struct AppInput<'a> {
+    /// App name.
+    pub name: &'a str,
+    /// Its counters.
+    pub stats: &'a AppStats,
+    /// Its backends: endpoint, whether health checks pass, counters.
+    pub backends: Vec<(&'a str, bool, &'a Counters)>,
+}
+
+/// One backend in a snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendView {
+    /// Endpoint URL.
+    pub endpoint: String,
+    /// Passing health checks.
+    pub healthy: bool,
+    /// Its figures.
+    #[serde(flatten)]
+    pub model: SeriesView,
+}
+
+/// One route key in a snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    /// `METHOD /template`, or `other`.
+    pub route: String,
+    /// Its figures.
+    #[serde(flatten)]
+    pub model: SeriesView,
+}
+
+/// An app's model at one tick: what `GET /v3/events/processes/{name}/stats` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppView {
+    /// App name.
+    pub app: String,
+    /// Whole-app figures.
+    #[serde(flatten)]
+    pub model: SeriesView,
+    /// Mean time to get a backend connection (new or reused), ms, since start.
+    pub mean_connect_ms: Option<f64>,
+    /// Mean time from connection to first response byte, ms, since start.
+    pub mean_first_byte_ms: Option<f64>,
+    /// Request body bytes read.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// Attempts beyond the first.
+    pub retries: u64,
+    /// Per backend.
+    pub backends: Vec<BackendView>,
+    /// Per route key.
+    pub routes: Vec<RouteView>,
+}
+
+struct AppState {
+    series: Series,
+    backends: HashMap<String, Series>,
+    routes: HashMap<String, Series>,
+}
+
+/// The model: state folded on every tick, and the latest snapshot for readers.
+pub struct CostModel {
+    params: ModelParams,
+    state: Mutex<HashMap<String, AppState>>,
+    snapshot: ArcSwap<HashMap<String, Arc<AppView>>>,
+}
+
+fn mean_ms(sum_us: u64, n: u64) -> Option<f64> {
+    (n > 0).then(|| (sum_us as f64 / n as f64).round() / 1000.0)
+}
+
+fn fold(
+    map: &mut HashMap<String, Series>,
+    key: &str,
+    r: counters::Reading,
+    now: Instant,
+    p: &ModelParams,
+) -> SeriesView {
+    match map.get_mut(key) {
+        Some(s) => {
+            s.update(r, now, p);
+            s.view()
+        }
+        None => {
+            // First sight: everything counted so far happened in an unknown span, so the
+            // series starts from this reading (rates begin at the next tick).
+            let s = Series::new(r, now, p);
+            let v = SeriesView {
+                requests: r.requests,
+                errors: r.errors,
+                ..s.view()
+            };
+            map.insert(key.to_string(), s);
+            v
+        }
+    }
+}
+
+impl CostModel {
+    /// An empty model.
+    pub fn new(params: ModelParams) -> Self {
+        Self {
+            params,
+            state: Mutex::new(HashMap::new()),
+            snapshot: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    /// Fold the current counters of `apps` at `now` and publish a new snapshot. Apps not listed
+    /// are forgotten.
+    pub fn tick(&self, apps: &[AppInput<'_>], now: Instant) {
+        let p = &self.params;
+        let mut state = self.state.lock();
+        state.retain(|name, _| apps.iter().any(|a| a.name == name));
+        let mut snap = HashMap::with_capacity(apps.len());
+        for a in apps {
+            let st = state.entry(a.name.to_string()).or_insert_with(|| AppState {
+                series: Series::new(a.stats.counters.read(), now, p),
+                backends: HashMap::new(),
+                routes: HashMap::new(),
+            });
+            st.series.update(a.stats.counters.read(), now, p);
+            let backends: Vec<BackendView> = a
+                .backends
+                .iter()
+                .map(|(endpoint, healthy, c)| BackendView {
+                    endpoint: endpoint.to_string(),
+                    healthy: *healthy,
+                    model: fold(&mut st.backends, endpoint, c.read(), now, p),
+                })
+                .collect();
+            st.backends
+                .retain(|k, _| a.backends.iter().any(|(e, _, _)| e == k));
+            let routes: Vec<RouteView> = a
+                .stats
+                .routes
+                .all()
+                .iter()
+                .map(|r| RouteView {
+                    route: r.key.clone(),
+                    model: fold(&mut st.routes, &r.key, r.counters.read(), now, p),
+                })
+                .filter(|r| r.model.requests > 0 || r.model.in_flight > 0)
+                .collect();
+            let n = a.stats.counters.requests.load(Ordering::Relaxed);
+            let view = AppView {
+                app: a.name.to_string(),
+                model: st.series.view(),
+                mean_connect_ms: mean_ms(a.stats.connect_us.load(Ordering::Relaxed), n),
+                mean_first_byte_ms: mean_ms(a.stats.first_byte_us.load(Ordering::Relaxed), n),
+                bytes_in: a.stats.bytes_in.load(Ordering::Relaxed),
+                bytes_out: a.stats.bytes_out.load(Ordering::Relaxed),
+                retries: a.stats.retries.load(Ordering::Relaxed),
+                backends,
+                routes,
+            };
+            snap.insert(a.name.to_string(), Arc::new(view));
+        }
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    /// The latest snapshot of `app`.
+    pub fn app(&self, app: &str) -> Option<Arc<AppView>> {
+        self.snapshot.load().get(app).cloned()
+    }
+
+    /// The latest snapshot of every app.
+    pub fn all(&self) -> Arc<HashMap<String, Arc<AppView>>> {
+        self.snapshot.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counters::Sample;
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn tick_builds_app_backend_and_route_views() {
+        let model = CostModel::new(ModelParams {
+            decay: Duration::from_secs(10),
+            acceptable_latency: Duration::from_millis(100),
+        });
+        let stats = AppStats::new(8);
+        let backend = Counters::default();
+        let input = || AppInput {
+            name: "shop",
+            stats: &stats,
+            backends: vec![("http://127.0.0.1:1", true, &backend)],
+        };
+        model.tick(&[input()], Instant::now());
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(250)).await;
+            for i in 0..25u64 {
+                let route = stats.routes.get("GET", &format!("/items/{i}"));
+                stats.counters.begin();
+                route.counters.begin();
+                backend.begin();
+                let s = Sample {
+                    status: 200,
+                    total: Duration::from_millis(4),
+                    upstream: Some(Duration::from_millis(3)),
+                    connect: Some(Duration::from_micros(100)),
+                    ..Sample::default()
+                };
+                stats.end(0, &route, &s);
+                backend.end(&s);
+            }
+            model.tick(&[input()], Instant::now());
+        }
+        let v = model.app("shop").expect("snapshot");
+        assert_eq!(v.model.requests, 100);
+        assert_eq!(v.model.rate, 100.0);
+        assert_eq!(v.model.latency_ms, Some(4.0));
+        assert_eq!(v.model.cost_ms, Some(3.0));
+        assert_eq!(v.model.concurrency, 0.4);
+        assert_eq!(v.mean_connect_ms, Some(0.1));
+        assert_eq!(v.backends.len(), 1);
+        assert_eq!(v.backends[0].model.requests, 100);
+        assert_eq!(v.backends[0].model.rate, 100.0);
+        assert_eq!(v.routes.len(), 1);
+        assert_eq!(v.routes[0].route, "GET /items/{id}");
+        assert_eq!(v.routes[0].model.cost_ms, Some(3.0));
+        let json = serde_json::to_value(&*v).expect("json");
+        assert_eq!(json["routes"][0]["rate"], 100.0);
+        assert_eq!(json["backends"][0]["healthy"], true);
+
+        // The app goes away: so does its model.
+        model.tick(&[], Instant::now());
+        assert!(model.app("shop").is_none());
+    }
+}
