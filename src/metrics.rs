@@ -126,6 +126,12 @@ const DEFS: &[(&str, &str, MetricType, &[&str])] = &[
         &["app", "route"],
     ),
     (
+        "nextgate_registry_changes_total",
+        "Acknowledged (persisted) registry changes by kind: register, provision, token, deregister.",
+        MetricType::COUNTER,
+        &["change"],
+    ),
+    (
         "nextgate_apps",
         "Registered (or provisioned) apps.",
         MetricType::GAUGE,
@@ -182,6 +188,12 @@ const DEFS: &[(&str, &str, MetricType, &[&str])] = &[
     (
         "nextgate_hub_subscriptions_total",
         "Event hub: subscriptions opened.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "nextgate_hub_messages_dropped_total",
+        "Event hub: messages slow subscribers did not get (refused by their full queue or still queued when they were disconnected).",
         MetricType::COUNTER,
         &[],
     ),
@@ -336,6 +348,10 @@ impl Collector for GatewayCollector {
         let models = self.src.model.all();
         let now = crate::balance::clock_ms();
         f.gauge("nextgate_apps", &[], apps.len() as f64);
+        let changes = self.src.registry.changes();
+        for (kind, n) in crate::registry::CHANGES.iter().zip(changes) {
+            f.counter("nextgate_registry_changes_total", &[kind], n as f64);
+        }
         f.counter(
             "nextgate_unrouted_requests_total",
             &[],
@@ -463,6 +479,11 @@ impl Collector for GatewayCollector {
             "nextgate_hub_subscriptions_total",
             &[],
             load(&st.subscribed),
+        );
+        f.counter(
+            "nextgate_hub_messages_dropped_total",
+            &[],
+            load(&st.dropped),
         );
         f.counter(
             "nextgate_hub_slow_subscriber_disconnects_total",

@@ -690,6 +690,24 @@ async fn slow_subscriber_is_dropped_while_others_get_everything_and_memory_stays
         after < before + 64 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
+    // The disconnect is counted where Prometheus sees it.
+    let metrics = reqwest::Client::new()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(common::ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("nextgate_hub_slow_subscriber_disconnects_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nextgate_hub_messages_published_total 3000\n"),
+        "{metrics}"
+    );
     drop(slow);
 }
 

@@ -134,6 +134,7 @@ async fn metrics_need_the_admin_key_and_pass_promtool() {
         "nextgate_unrouted_requests_total 1",
         "nextgate_hub_messages_published_total 1",
         "nextgate_apps 1",
+        "nextgate_registry_changes_total{change=\"register\"} 1",
         "process_cpu_seconds_total",
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");

@@ -186,6 +186,9 @@ pub struct HubStats {
     pub delivered: AtomicU64,
     /// Subscribers disconnected because their queue overflowed.
     pub slow_disconnects: AtomicU64,
+    /// Messages those subscribers did not get: the one their full queue refused and the ones
+    /// still queued when they were disconnected (they can resume from their last id).
+    pub dropped: AtomicU64,
     /// Subscriptions opened.
     pub subscribed: AtomicU64,
     /// Webhook deliveries that succeeded.

@@ -327,6 +327,8 @@ pub async fn serve_subscriber(
         match sub.outbox.ended() {
             Ended::Open => {}
             Ended::Overflow => {
+                let lost = 1 + sub.rx.len() as u64;
+                hub.stats.dropped.fetch_add(lost, Ordering::Relaxed);
                 close(
                     &mut wr,
                     CLOSE_OVERFLOW,

@@ -172,7 +172,11 @@ pub struct Registry {
     balance: crate::balance::Balance,
     p2c: crate::balance::P2cParams,
     max_routes: usize,
+    changes: [std::sync::atomic::AtomicU64; 4],
 }
+
+/// Kinds of registry change, as counted by [`Registry::changes`].
+pub const CHANGES: [&str; 4] = ["register", "provision", "token", "deregister"];
 
 async fn resolve(ep: &Endpoint) -> Result<SocketAddr, String> {
     if let Ok(ip) = ep.host.parse::<std::net::IpAddr>() {
@@ -285,6 +289,7 @@ impl Registry {
             balance: settings.balance,
             p2c: p2c_params(settings),
             max_routes: settings.model.max_routes,
+            changes: Default::default(),
         })
     }
 
@@ -298,6 +303,15 @@ impl Registry {
         let mut v: Vec<_> = self.apps.load().values().cloned().collect();
         v.sort_by(|a, b| a.name().cmp(b.name()));
         v
+    }
+
+    /// Acknowledged changes so far, by kind (in the order of [`CHANGES`]).
+    pub fn changes(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.changes[i].load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn changed(&self, kind: usize) {
+        self.changes[kind].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Number of apps.
@@ -363,6 +377,7 @@ impl Registry {
         let app = self
             .replace(&current, record, Some(token), Some(&targets))
             .await?;
+        self.changed(0);
         tracing::info!(app = %app.name(), backends = targets.len(), created, "app registered");
         Ok((app, created))
     }
@@ -408,6 +423,7 @@ impl Registry {
         let app = self
             .replace(&current, record, token_hash, targets.as_deref())
             .await?;
+        self.changed(1);
         tracing::info!(app = %name, created, token_set = token.is_some(), "app provisioned");
         Ok((app, created))
     }
@@ -425,6 +441,7 @@ impl Registry {
         record.token_hash = Some(hash.encode());
         record.updated_at_ms = now_ms();
         let app = self.replace(&current, record, Some(hash), None).await?;
+        self.changed(2);
         tracing::info!(app = %name, "token re-bound");
         Ok(app)
     }
@@ -440,6 +457,7 @@ impl Registry {
         next.remove(name);
         self.persist(&next).await?;
         self.apps.store(Arc::new(next));
+        self.changed(3);
         tracing::info!(app = %name, "app deregistered");
         Ok(())
     }
