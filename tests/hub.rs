@@ -1159,34 +1159,51 @@ async fn webhook_delivery_in_order_with_retries_signed_and_kept_across_restarts(
 #[tokio::test]
 async fn sse_and_websocket_subscribers_through_the_proxy_listener() {
     let gw = gateway("").await;
+    let info_url = gw.events_url("/v3/events/pub/shop/via");
+    // Each subscription reaches the hub over its own proxy upstream connection.
+    let wait_for = |n: u64| {
+        let info_url = info_url.clone();
+        async move {
+            let mut subscribers = Value::Null;
+            for _ in 0..100 {
+                let r = client()
+                    .get(&info_url)
+                    .bearer_auth(TOKEN_A)
+                    .send()
+                    .await
+                    .expect("info");
+                subscribers = r.json::<Value>().await.expect("json")["subscribers"].clone();
+                if subscribers == n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            subscribers
+        }
+    };
     let mut sse = Sse::open(
         &gw.proxy_url("/v3/events/sub/shop/via"),
         Some(TOKEN_A),
         None,
     )
     .await;
+    assert_eq!(
+        wait_for(1).await,
+        1,
+        "SSE subscriber; log:\n{}",
+        gw.log_text()
+    );
     let mut ws = ws_connect(
         &format!("ws://{}/v3/events/sub/shop/via", gw.proxy),
         Some(TOKEN_A),
     )
     .await;
-    // Both subscriptions reach the hub over the proxy's upstream connections.
-    let info_url = gw.events_url("/v3/events/pub/shop/via");
-    let mut subscribers = Value::Null;
-    for _ in 0..100 {
-        let r = client()
-            .get(&info_url)
-            .bearer_auth(TOKEN_A)
-            .send()
-            .await
-            .expect("info");
-        subscribers = r.json::<Value>().await.expect("json")["subscribers"].clone();
-        if subscribers == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(subscribers, 2, "log:\n{}", gw.log_text());
+    assert_eq!(
+        wait_for(2).await,
+        2,
+        "WebSocket subscriber; log:\n{}",
+        gw.log_text()
+    );
     let (s, _) = publish(&gw, "shop/via", "through the proxy").await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(
