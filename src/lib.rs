@@ -13,6 +13,7 @@
 //! - [`admin`]: the registry's HTTP API on the admin listener.
 //! - [`http_server`]: hyper handlers served on Pingora listeners.
 //! - [`hub`]: the event hub: channels, publish, WebSocket and SSE subscribers, replay, tickets.
+//! - [`scaler`]: the scaling policy (pure), a trace simulator and the KPA/HPA anchors.
 //! - [`metrics`]: every Prometheus metric, read from the counters at scrape time.
 //! - [`error`]: errors at the HTTP edge as status + JSON.
 
@@ -27,4 +28,5 @@ pub mod hub;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod scaler;
 pub mod upstream;

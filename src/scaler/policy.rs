@@ -3,19 +3,24 @@
 //! it once per tick (about a second) and at once when a request reaches an app at zero.
 //!
 //! The rules, in order:
-//! 1. **Demand** is in-flight concurrency (the cost model's time integral), over a fast window
-//!    (a few seconds) and a slow one (a minute). Replicas wanted = concurrency / effective
-//!    target per replica, rounded up. Replicas still starting count as capacity.
-//! 2. **Use the cost.** When latency is over the objective and the request rate per replica
-//!    has risen with it, the app itself is saturating: the effective target is lowered in
-//!    proportion (never below a quarter of the declared one) and recovers slowly once latency
-//!    is back. When latency rises at a flat request rate per replica, the bottleneck is
-//!    downstream: adding replicas would not help, so the policy does not scale up for it.
+//! 1. **Demand** is in-flight concurrency (the cost model's time integral), averaged with a
+//!    fast time constant (2 s) and a slow one (30 s, about a minute's window). Replicas
+//!    wanted = concurrency / effective target per replica, rounded up. Replicas still
+//!    starting count as capacity.
+//! 2. **Use the cost.** The policy keeps a baseline: rate per replica and latency at the last
+//!    healthy tick (capacity covered the concurrency, latency within the objective). Latency
+//!    half as much again as the baseline at a rate per replica that did not rise means the
+//!    time is spent downstream: adding replicas would not help, so it does not scale up for
+//!    it. Latency over the objective while capacity covers the concurrency and the rate per
+//!    replica did rise means the app saturates below its declared target: the effective
+//!    target is lowered (at most 10% per tick, never below a quarter of the declared one) and
+//!    recovers once latency is back.
 //! 3. **React fast.** The fast signal above the current capacity by more than the tolerance
 //!    scales up at once, to what the fast signal asks for.
-//! 4. **Stay steady.** Scale-down follows the highest slow recommendation seen over the
-//!    stabilisation window, waits `down_delay` after any scale-up, and removes at most half
-//!    the replicas per step.
+//! 4. **Stay steady.** Scale-down follows the highest recommendation seen over the
+//!    stabilisation window, where a recommendation keeps the slow signal inside the tolerance
+//!    band (a level the fast signal would not leave at once); it waits `down_delay` after any
+//!    scale-up and removes at most half the replicas per step.
 //! 5. **Scale to zero** after `idle_to_zero` without requests when the spec allows it (min 0);
 //!    a request that finds no replica asks for one at once.
 
@@ -147,8 +152,9 @@ pub struct State {
     last_request: Instant,
     /// Effective target as a fraction of the declared one.
     target_fraction: f64,
-    /// Rate per replica when latency was last within the objective.
-    healthy_rate_per_replica: Option<f64>,
+    /// Rate per replica and latency (ms) at the last tick that was healthy: capacity covered
+    /// the concurrency and latency was within the objective.
+    baseline: Option<(f64, f64)>,
 }
 
 impl State {
@@ -159,7 +165,7 @@ impl State {
             last_up: None,
             last_request: now,
             target_fraction: 1.0,
-            healthy_rate_per_replica: None,
+            baseline: None,
         }
     }
 
@@ -197,30 +203,56 @@ pub fn decide(
         return up(state, now, n, Reason::ColdStart);
     }
 
-    // Use the cost: adjust the effective target from latency against the objective.
+    // Use the cost: adjust the effective target from latency against the objective. Only
+    // while capacity covers the concurrency: latency from being short of replicas is what
+    // scaling up on concurrency already answers.
     let rate_per_replica = s.rate_fast / f64::from(r.ready.max(1));
-    let mut bottleneck = false;
+    let covered =
+        s.concurrency_fast <= f64::from(current) * state.effective_target(t) * (1.0 + p.tolerance);
+    let within_objective = match (t.latency, s.latency_ms) {
+        (Some(objective), Some(lat)) => lat <= objective.as_secs_f64() * 1000.0,
+        _ => true,
+    };
+    let baseline = state.baseline;
+    // Latency rose (half as much again as when healthy) at a rate per replica that did not:
+    // the time is spent downstream, and replicas would not buy it back.
+    let bottleneck = match (baseline, s.latency_ms) {
+        (Some((rate0, lat0)), Some(lat)) => lat > lat0 * 1.5 && rate_per_replica <= rate0 * 1.1,
+        _ => false,
+    };
     if let (Some(objective), Some(lat)) = (t.latency, s.latency_ms) {
         let obj_ms = objective.as_secs_f64() * 1000.0;
-        if lat <= obj_ms {
-            state.healthy_rate_per_replica = Some(rate_per_replica);
+        if within_objective {
             // Recover towards the declared target, a tenth of the way per tick.
-            state.target_fraction = (state.target_fraction + (1.0 - state.target_fraction) * 0.1).min(1.0);
-        } else {
-            let healthy = state.healthy_rate_per_replica.unwrap_or(rate_per_replica);
-            if rate_per_replica <= healthy * 1.1 {
-                bottleneck = true;
-            } else {
-                state.target_fraction = (state.target_fraction * obj_ms / lat).max(p.min_target_fraction);
+            state.target_fraction =
+                (state.target_fraction + (1.0 - state.target_fraction) * 0.1).min(1.0);
+        } else if covered && !bottleneck {
+            // Over the objective with capacity covering the concurrency and the rate per
+            // replica up: the app saturates below its target. At most 10% lower per tick.
+            let rate0 = baseline.map_or(0.0, |(r, _)| r);
+            if rate_per_replica > rate0 * 1.1 {
+                state.target_fraction =
+                    (state.target_fraction * (obj_ms / lat).max(0.9)).max(p.min_target_fraction);
             }
+        }
+    }
+    if covered && within_objective {
+        if let Some(lat) = s.latency_ms {
+            state.baseline = Some((rate_per_replica, lat));
         }
     }
     let per = state.effective_target(t);
     let fast = wanted(s.concurrency_fast, per);
-    let slow = wanted(s.concurrency_slow, per);
 
-    // Scale-down history: the slow recommendation over the stabilisation window.
-    state.recommendations.push_back((now, slow.max(fast.min(current))));
+    // Scale-down history. A recommendation is what keeps demand inside the tolerance band
+    // (so the fast signal would not scale straight back up): the slow signal's, or the fast
+    // one's as far as the current capacity covers it.
+    let comfortable = per * (1.0 - p.tolerance);
+    let slow_down = wanted(s.concurrency_slow, comfortable);
+    let fast_down = wanted(s.concurrency_fast, comfortable);
+    state
+        .recommendations
+        .push_back((now, slow_down.max(fast_down.min(current))));
     while let Some((at, _)) = state.recommendations.front() {
         if now.saturating_duration_since(*at) > p.stabilisation {
             state.recommendations.pop_front();
@@ -298,5 +330,8 @@ pub fn decide(
 
 fn up(state: &mut State, now: Instant, n: u32, reason: Reason) -> Decision {
     state.last_up = Some(now);
-    Decision { replicas: n, reason }
+    Decision {
+        replicas: n,
+        reason,
+    }
 }
