@@ -65,6 +65,7 @@ struct RegisterJson {
     endpoint: Option<EndpointField>,
     token: Option<String>,
     balance: Option<String>,
+    scaling: Option<crate::scaler::spec::ScalingSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,19 +348,21 @@ impl AdminApi {
                 "registration needs a form-encoded or JSON body",
             ));
         }
-        let (name, endpoint, token, balance) =
+        let (name, endpoint, token, balance, scaling) =
             match Self::decode::<RegisterJson, RegisterForm>(kind, &bytes)? {
                 Ok(j) => (
                     j.name,
                     j.endpoint.map(EndpointField::into_list),
                     j.token,
                     j.balance,
+                    j.scaling,
                 ),
                 Err(f) => (
                     f.name,
                     f.endpoint.map(|e| validate::split_endpoints(&e)),
                     f.token,
                     f.balance,
+                    None,
                 ),
             };
         let balance = match balance.as_deref() {
@@ -374,15 +377,21 @@ impl AdminApi {
         };
         let reg = Registration {
             name: required(name, "name")?,
-            endpoints: endpoint.ok_or_else(|| {
-                ApiError::field(
-                    StatusCode::BAD_REQUEST,
-                    "endpoint",
-                    "`endpoint` is required",
-                )
-            })?,
+            endpoints: match (endpoint, &scaling) {
+                (Some(e), _) => e,
+                // A scaled app's backends come from its replicas.
+                (None, Some(_)) => Vec::new(),
+                (None, None) => {
+                    return Err(ApiError::field(
+                        StatusCode::BAD_REQUEST,
+                        "endpoint",
+                        "`endpoint` is required",
+                    ))
+                }
+            },
             token: required(token, "token")?,
             balance,
+            scaling,
         };
         let (app, created) = self.registry.register(reg).await?;
         let status = if created {

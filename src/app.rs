@@ -16,6 +16,7 @@ use crate::proxy::{Gateway, ProxyConfig};
 use crate::registry::store::{FileStore, RegistryStore};
 use crate::registry::token::{generate_key, AdminKey};
 use crate::registry::Registry;
+use crate::scaler::controller::{Controller, ScalerStatus};
 use crate::upstream::GatewayHealthCheck;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
@@ -287,9 +288,11 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
 
     let hub = Hub::new(settings.hub.clone(), registry.clone());
     let model = Arc::new(CostModel::new(settings.model.params));
+    let scaler_status = Arc::new(ScalerStatus::default());
     let metrics = Metrics::new(Sources {
         registry: registry.clone(),
         model: model.clone(),
+        scaler: scaler_status.clone(),
         hub: hub.clone(),
         unrouted,
         balance_decay: settings.balance_decay,
@@ -353,10 +356,14 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     server.add_service(background_service(
         "cost model",
         ModelTicker {
-            model,
+            model: model.clone(),
             registry: registry.clone(),
             tick: settings.model.tick,
         },
+    ));
+    server.add_service(background_service(
+        "scaler",
+        Controller::new(registry.clone(), model, settings.scaler, scaler_status),
     ));
     if active_checks {
         let mut checker = HealthCheckService::new(health);

@@ -72,6 +72,8 @@ pub struct FileConfig {
     pub hub: HubFile,
     /// `[model]`
     pub model: ModelFile,
+    /// `[scaler]`
+    pub scaler: ScalerFile,
     /// `[log]`
     pub log: LogFile,
 }
@@ -237,6 +239,60 @@ impl Default for ProxyFile {
     }
 }
 
+/// `[scaler]`: the loop that scales apps with a scaling spec.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalerFile {
+    /// Decision interval.
+    pub tick: String,
+    /// Drain time for a replica leaving, and its stop grace period.
+    pub grace: String,
+    /// How long a new replica may take to pass its readiness probe.
+    pub ready_timeout: String,
+    /// Band around capacity inside which load changes nothing (0.1 = 10%).
+    pub tolerance: f64,
+    /// Scale-down follows the highest recommendation over this window.
+    pub stabilisation: String,
+    /// No scale-down this soon after a scale-up.
+    pub down_delay: String,
+}
+
+impl Default for ScalerFile {
+    fn default() -> Self {
+        Self {
+            tick: "1s".into(),
+            grace: "10s".into(),
+            ready_timeout: "30s".into(),
+            tolerance: 0.1,
+            stabilisation: "60s".into(),
+            down_delay: "30s".into(),
+        }
+    }
+}
+
+impl ScalerFile {
+    fn validate(&self) -> Result<crate::scaler::controller::ScalerSettings, ConfigError> {
+        let tick = duration("scaler.tick", &self.tick)?;
+        if tick < Duration::from_millis(100) || tick > Duration::from_secs(60) {
+            return Err(invalid("scaler.tick", "must be between 100ms and 60s"));
+        }
+        if !(0.0..=0.5).contains(&self.tolerance) {
+            return Err(invalid("scaler.tolerance", "must be between 0 and 0.5"));
+        }
+        Ok(crate::scaler::controller::ScalerSettings {
+            tick,
+            grace: duration("scaler.grace", &self.grace)?,
+            ready_timeout: duration("scaler.ready_timeout", &self.ready_timeout)?,
+            params: crate::scaler::policy::Params {
+                tolerance: self.tolerance,
+                stabilisation: duration("scaler.stabilisation", &self.stabilisation)?,
+                down_delay: duration("scaler.down_delay", &self.down_delay)?,
+                ..crate::scaler::policy::Params::default()
+            },
+        })
+    }
+}
+
 /// `[model]`: the cost model fed by every proxied request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -249,6 +305,10 @@ pub struct ModelFile {
     pub acceptable_latency: String,
     /// Route keys kept per app; further kinds of request are counted as `other`.
     pub max_routes_per_app: usize,
+    /// Time constant of the scaler's fast signals (concurrency, arrivals, latency).
+    pub fast_decay: String,
+    /// Time constant of the scaler's slow concurrency signal.
+    pub slow_decay: String,
 }
 
 impl Default for ModelFile {
@@ -258,6 +318,8 @@ impl Default for ModelFile {
             decay: "10s".into(),
             acceptable_latency: "500ms".into(),
             max_routes_per_app: 64,
+            fast_decay: "2s".into(),
+            slow_decay: "30s".into(),
         }
     }
 }
@@ -292,6 +354,8 @@ impl ModelFile {
             params: crate::cost::model::ModelParams {
                 decay,
                 acceptable_latency,
+                fast: duration("model.fast_decay", &self.fast_decay)?,
+                slow: duration("model.slow_decay", &self.slow_decay)?,
             },
             max_routes: positive("model.max_routes_per_app", self.max_routes_per_app)?,
         })
@@ -620,6 +684,8 @@ pub struct Settings {
     pub fail_penalty: Duration,
     /// Cost model.
     pub model: ModelSettings,
+    /// Scaler.
+    pub scaler: crate::scaler::controller::ScalerSettings,
     /// Log filter.
     pub log_level: String,
     /// Log format.
@@ -863,6 +929,7 @@ impl Settings {
             balance_decay,
             fail_penalty,
             model: f.model.validate()?,
+            scaler: f.scaler.validate()?,
             log_level: f.log.level,
             log_format,
             access_log: f.log.access,

@@ -162,6 +162,30 @@ const DEFS: &[(&str, &str, MetricType, &[&str])] = &[
         &["app", "backend"],
     ),
     (
+        "nextgate_scaler_replicas",
+        "Scaler: replicas by app and state (desired, ready, starting, draining).",
+        MetricType::GAUGE,
+        &["app", "state"],
+    ),
+    (
+        "nextgate_scaler_decisions_total",
+        "Scaler: decisions that changed the replica count, by direction.",
+        MetricType::COUNTER,
+        &["direction"],
+    ),
+    (
+        "nextgate_scaler_replica_events_total",
+        "Scaler: replicas started, removed, and lost (died or removed outside the gateway).",
+        MetricType::COUNTER,
+        &["event"],
+    ),
+    (
+        "nextgate_scaler_errors_total",
+        "Scaler: failed runtime calls (engine unreachable or refusing, replicas never ready).",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
         "nextgate_hub_channels",
         "Event hub: channels that exist now.",
         MetricType::GAUGE,
@@ -229,6 +253,8 @@ pub struct Sources {
     pub registry: Arc<Registry>,
     /// The cost model's snapshot.
     pub model: Arc<CostModel>,
+    /// The scaler's state.
+    pub scaler: Arc<crate::scaler::controller::ScalerStatus>,
     /// The event hub.
     pub hub: Arc<Hub>,
     /// The proxy's unrouted-request counter.
@@ -456,6 +482,40 @@ impl Collector for GatewayCollector {
                 }
             }
         }
+        let sc = &self.src.scaler;
+        for (app, st) in sc.apps.load().iter() {
+            for (state, n) in [
+                ("desired", st.desired),
+                ("ready", st.ready),
+                ("starting", st.starting),
+                ("draining", st.draining),
+            ] {
+                f.gauge("nextgate_scaler_replicas", &[app, state], f64::from(n));
+            }
+        }
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        f.counter("nextgate_scaler_decisions_total", &["up"], load(&sc.ups));
+        f.counter(
+            "nextgate_scaler_decisions_total",
+            &["down"],
+            load(&sc.downs),
+        );
+        f.counter(
+            "nextgate_scaler_replica_events_total",
+            &["started"],
+            load(&sc.started),
+        );
+        f.counter(
+            "nextgate_scaler_replica_events_total",
+            &["removed"],
+            load(&sc.removed),
+        );
+        f.counter(
+            "nextgate_scaler_replica_events_total",
+            &["lost"],
+            load(&sc.lost),
+        );
+        f.counter("nextgate_scaler_errors_total", &[], load(&sc.errors));
         let hub = &self.src.hub;
         let st = &hub.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;

@@ -134,6 +134,8 @@ pub struct Upstream {
     lb: Lb,
     balance: Balance,
     set: Arc<ArcSwap<BTreeSet<Backend>>>,
+    /// Registered targets and scaler-managed ones; the set is their union.
+    parts: tokio::sync::Mutex<(Vec<Target>, Vec<Target>)>,
     /// The app's request counters and route keys (kept across versions of the app).
     pub stats: Arc<AppStats>,
 }
@@ -161,6 +163,7 @@ impl Upstream {
             lb,
             balance,
             set,
+            parts: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             stats,
         }
     }
@@ -170,9 +173,24 @@ impl Upstream {
         self.balance
     }
 
-    /// Replace the backend set. Backends that stay keep their passive failure state.
-    /// Calls must not overlap (the registry serialises them).
+    /// Replace the registered backends (the scaler's replicas stay). Backends that stay keep
+    /// their passive failure state and counters.
     pub async fn set_targets(&self, targets: &[Target]) {
+        let mut parts = self.parts.lock().await;
+        parts.0 = targets.to_vec();
+        let all: Vec<Target> = parts.0.iter().chain(&parts.1).cloned().collect();
+        self.rebuild(&all).await;
+    }
+
+    /// Replace the scaler-managed backends (the registered ones stay).
+    pub async fn set_managed(&self, targets: &[Target]) {
+        let mut parts = self.parts.lock().await;
+        parts.1 = targets.to_vec();
+        let all: Vec<Target> = parts.0.iter().chain(&parts.1).cloned().collect();
+        self.rebuild(&all).await;
+    }
+
+    async fn rebuild(&self, targets: &[Target]) {
         let old = self.set.load_full();
         let mut next = BTreeSet::new();
         for t in targets {
@@ -207,21 +225,9 @@ impl Upstream {
         }
     }
 
-    /// The current backends as targets (to rebuild them elsewhere).
-    pub fn targets(&self) -> Vec<Target> {
-        self.set
-            .load()
-            .iter()
-            .filter_map(|b| {
-                let i = info(b)?;
-                Some(Target {
-                    endpoint: i.endpoint.clone(),
-                    addr: *b.addr.as_inet()?,
-                    tls: i.tls,
-                    sni: i.sni.clone(),
-                })
-            })
-            .collect()
+    /// The registered and the scaler-managed targets (to rebuild them elsewhere).
+    pub async fn parts(&self) -> (Vec<Target>, Vec<Target>) {
+        self.parts.lock().await.clone()
     }
 
     /// The current backends.

@@ -207,6 +207,8 @@ mod tests {
         let model = CostModel::new(ModelParams {
             decay: Duration::from_secs(10),
             acceptable_latency: Duration::from_millis(100),
+            fast: model::FAST,
+            slow: model::SLOW,
         });
         let stats = AppStats::new(8);
         let backend = Counters::default();

@@ -24,6 +24,10 @@ pub struct ModelParams {
     pub decay: Duration,
     /// Latency at or under which a rate counts as sustained capacity.
     pub acceptable_latency: Duration,
+    /// Time constant of the scaler's fast signals.
+    pub fast: Duration,
+    /// Time constant of the scaler's slow signal.
+    pub slow: Duration,
 }
 
 /// One series' model state.
@@ -39,7 +43,16 @@ pub struct Series {
     concurrency: Ewma,
     max_ok_rate: f64,
     in_flight: i64,
+    conc_fast: Ewma,
+    conc_slow: Ewma,
+    arrivals: Rate,
+    latency_fast: Ewma,
 }
+
+/// Default time constant of the scaler's fast signals.
+pub const FAST: Duration = Duration::from_secs(2);
+/// Default time constant of the scaler's slow signal.
+pub const SLOW: Duration = Duration::from_secs(30);
 
 /// What a series looks like at one tick (milliseconds and per-second figures).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -66,6 +79,15 @@ pub struct SeriesView {
     pub in_flight: i64,
     /// Highest rate seen while latency was acceptable.
     pub max_sustained_rate: f64,
+    /// For the scaler: concurrency (time integral, or the in-flight count when higher)
+    /// averaged over the fast time constant.
+    pub concurrency_fast: f64,
+    /// The same over the slow one.
+    pub concurrency_slow: f64,
+    /// Requests arriving (started) per second over the fast time constant.
+    pub arrival_rate: f64,
+    /// Mean request time over the fast time constant, ms.
+    pub latency_fast_ms: Option<f64>,
 }
 
 impl Series {
@@ -82,6 +104,10 @@ impl Series {
             concurrency: Ewma::new(p.decay),
             max_ok_rate: 0.0,
             in_flight: first.in_flight,
+            conc_fast: Ewma::new(p.fast),
+            conc_slow: Ewma::new(p.slow),
+            arrivals: Rate::new(p.fast, now),
+            latency_fast: Ewma::new(p.fast),
         }
     }
 
@@ -98,10 +124,20 @@ impl Series {
         let cost_us = r.cost_us.saturating_sub(self.last.cost_us);
         self.rate.update(n as f64, now);
         self.error_rate.update(errors as f64, now);
+        // Started = finished + in flight; arrivals are its growth.
+        let started =
+            (r.requests as i64 + r.in_flight) - (self.last.requests as i64 + self.last.in_flight);
+        self.arrivals.update(started.max(0) as f64, now);
+        // Requests still running count too: a slow backend holds them before they finish.
+        let integral = lat_us as f64 / 1e6 / dt.as_secs_f64();
+        let demand = integral.max(r.in_flight as f64);
+        self.conc_fast.observe(demand, now);
+        self.conc_slow.observe(demand, now);
         if n > 0 {
             let mean_ms = lat_us as f64 / n as f64 / 1000.0;
             self.latency.observe(mean_ms, now);
             self.peak_latency.observe(mean_ms, now);
+            self.latency_fast.observe(mean_ms, now);
             if cost_us > 0 {
                 self.cost.observe(cost_us as f64 / n as f64 / 1000.0, now);
             }
@@ -132,6 +168,10 @@ impl Series {
             littles_law: round(self.rate.get() * latency.unwrap_or(0.0) / 1000.0),
             in_flight: self.in_flight,
             max_sustained_rate: round(self.max_ok_rate),
+            concurrency_fast: round(self.conc_fast.get().unwrap_or(0.0)),
+            concurrency_slow: round(self.conc_slow.get().unwrap_or(0.0)),
+            arrival_rate: round(self.arrivals.get()),
+            latency_fast_ms: self.latency_fast.get().map(round),
         }
     }
 }
@@ -148,6 +188,8 @@ mod tests {
         ModelParams {
             decay: Duration::from_secs(10),
             acceptable_latency: Duration::from_millis(100),
+            fast: FAST,
+            slow: SLOW,
         }
     }
 
@@ -222,6 +264,8 @@ mod tests {
         let p = ModelParams {
             decay: Duration::from_millis(1),
             acceptable_latency: Duration::from_millis(50),
+            fast: FAST,
+            slow: SLOW,
         };
         let t0 = Instant::now();
         let mut s = Series::new(Reading::default(), t0, &p);

@@ -372,6 +372,9 @@ impl ProxyHttp for Gateway {
         };
         let key = session.req_header().uri.path().as_bytes();
         let Some(backend) = app.upstream.select(key, &ctx.tried, self.cfg.fail_cooldown) else {
+            if ctx.tried.is_empty() {
+                app.upstream.stats.cold_hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "no healthy backend",

@@ -62,6 +62,8 @@ pub struct Registration {
     pub token: String,
     /// Backend selection; `None` keeps the app's current choice (or the configured default).
     pub balance: Option<crate::balance::Balance>,
+    /// Scaling spec; `None` keeps the app's current one.
+    pub scaling: Option<crate::scaler::spec::ScalingSpec>,
 }
 
 /// A registered (or provisioned) app: an immutable record plus its live upstream.
@@ -76,6 +78,11 @@ impl App {
     /// App name.
     pub fn name(&self) -> &str {
         &self.record.name
+    }
+
+    /// The app's scaling spec, if it has one.
+    pub fn scaling(&self) -> Option<&crate::scaler::spec::ScalingSpec> {
+        self.record.scaling.as_ref()
     }
 
     /// Whether `token` is this app's token (constant time; false when none is bound).
@@ -114,6 +121,7 @@ impl App {
             registered_at: rfc3339(self.record.registered_at_ms),
             updated_at: rfc3339(self.record.updated_at_ms),
             balance: self.upstream.balance().as_str(),
+            scaling: self.record.scaling.clone(),
         }
     }
 }
@@ -135,6 +143,9 @@ pub struct AppView {
     pub updated_at: String,
     /// Backend selection in use.
     pub balance: &'static str,
+    /// Scaling spec, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<crate::scaler::spec::ScalingSpec>,
 }
 
 /// JSON description of a backend.
@@ -337,7 +348,19 @@ impl Registry {
     pub async fn register(&self, reg: Registration) -> Result<(Arc<App>, bool), RegistryError> {
         validate::name(&reg.name)?;
         validate::token(&reg.token, self.min_token_length)?;
-        let endpoints = validate::endpoints(&reg.endpoints, self.max_endpoints)?;
+        if let Some(spec) = &reg.scaling {
+            spec.validate().map_err(|e| RegistryError::Invalid {
+                field: e.field,
+                message: e.message,
+            })?;
+        }
+        // A scaled app may come without endpoints of its own: the scaler provides them.
+        let endpoints =
+            if reg.scaling.is_some() && reg.endpoints.iter().all(|e| e.trim().is_empty()) {
+                Vec::new()
+            } else {
+                validate::endpoints(&reg.endpoints, self.max_endpoints)?
+            };
         let targets = targets(&endpoints).await?;
 
         let _guard = self.write.lock().await;
@@ -373,6 +396,10 @@ impl Registry {
             registered_at_ms,
             updated_at_ms: now,
             balance: reg.balance.or(existing.and_then(|a| a.record.balance)),
+            scaling: reg
+                .scaling
+                .clone()
+                .or_else(|| existing.and_then(|a| a.record.scaling.clone())),
         };
         let app = self
             .replace(&current, record, Some(token), Some(&targets))
@@ -418,6 +445,7 @@ impl Registry {
             registered_at_ms: existing.map_or(now, |a| a.record.registered_at_ms),
             updated_at_ms: now,
             balance: existing.and_then(|a| a.record.balance),
+            scaling: existing.and_then(|a| a.record.scaling.clone()),
         };
         let created = existing.is_none();
         let app = self
@@ -484,7 +512,7 @@ impl Registry {
                     self.p2c,
                     u.stats.clone(),
                 )),
-                Some(u.targets()),
+                Some(u.parts().await),
             ),
             None => (
                 Arc::new(Upstream::new(
@@ -504,10 +532,14 @@ impl Registry {
         let mut next = current.clone();
         next.insert(app.record.name.clone(), app.clone());
         self.persist(&next).await?;
-        match (targets, carry) {
-            (Some(t), _) => app.upstream.set_targets(t).await,
-            (None, Some(t)) => app.upstream.set_targets(&t).await,
-            (None, None) => {}
+        if let Some((registered, managed)) = &carry {
+            app.upstream.set_managed(managed).await;
+            if targets.is_none() {
+                app.upstream.set_targets(registered).await;
+            }
+        }
+        if let Some(t) = targets {
+            app.upstream.set_targets(t).await;
         }
         self.apps.store(Arc::new(next));
         Ok(app)

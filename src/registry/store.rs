@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 
 /// One app as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppRecord {
     /// App name.
@@ -33,6 +33,9 @@ pub struct AppRecord {
     /// Backend selection chosen at registration; `None` follows `proxy.balance`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<crate::balance::Balance>,
+    /// Scaling spec, if the app asked to be scaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<crate::scaler::spec::ScalingSpec>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -183,6 +186,7 @@ mod tests {
     fn rec(name: &str) -> AppRecord {
         AppRecord {
             balance: None,
+            scaling: None,
             name: name.into(),
             endpoints: vec!["http://127.0.0.1:1".into()],
             token_hash: None,

@@ -3,10 +3,17 @@
 //! - [`policy`]: the decision, pure (signals, replicas, `now` in; replicas and a reason out).
 //! - [`sim`]: a deterministic app-and-load simulator that runs policies on recorded traces.
 //! - [`anchors`]: models of Knative's KPA and the Kubernetes HPA for comparison.
+//! - [`spec`]: what an app declares (driver, image, bounds, target), validated.
+//! - [`runtime`]: the [`runtime::ContainerRuntime`] trait and its Docker Engine implementation.
+//! - [`controller`]: the loop: signals from the cost model, decisions, replicas started,
+//!   probed, added to the app's backends, drained and removed.
 
 pub mod anchors;
+pub mod controller;
 pub mod policy;
+pub mod runtime;
 pub mod sim;
+pub mod spec;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,578 @@
+//! The scaler loop: once per tick, for every app with a scaling spec, read its signals from the
+//! cost model, ask the policy, and make the replicas match.
+//!
+//! - A new replica is created and started, probed every 50 ms (HTTP `ready_path` or TCP) and
+//!   only then added to the app's backends.
+//! - Scale-down picks the replica with the fewest requests in flight, takes it out of the
+//!   backends, waits for its requests to finish (up to the grace period), then stops it
+//!   (SIGTERM, SIGKILL after the grace period) and removes it.
+//! - Each tick lists the app's labelled containers: ones started by an earlier run are adopted
+//!   (probed, then served); ones that died or were removed are dropped from the backends, and
+//!   the policy replaces them because the ready count fell.
+//! - An unreachable engine is logged and counted; the rest of the gateway keeps serving and the
+//!   loop keeps trying.
+
+use super::policy::{self, Decision, Params, Reason, Replicas, Signals, State};
+use super::runtime::{probe, ContainerRuntime, DockerRuntime, Replica};
+use super::spec::{Driver, ScalingSpec};
+use crate::cost::CostModel;
+use crate::registry::{App, Registry};
+use crate::upstream::Target;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Scaler settings from `[scaler]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ScalerSettings {
+    /// Decision interval.
+    pub tick: Duration,
+    /// Drain and stop grace period.
+    pub grace: Duration,
+    /// How long a new replica may take to answer its probe.
+    pub ready_timeout: Duration,
+    /// Policy parameters.
+    pub params: Params,
+}
+
+/// One app's scaler state, as metrics and the stats API show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AppStatus {
+    /// Replicas wanted.
+    pub desired: u32,
+    /// Serving.
+    pub ready: u32,
+    /// Started, not yet ready.
+    pub starting: u32,
+    /// Being drained and removed.
+    pub draining: u32,
+    /// The last decision's reason.
+    pub reason: &'static str,
+}
+
+/// Counters and per-app state for metrics.
+#[derive(Default)]
+pub struct ScalerStatus {
+    /// Per app.
+    pub apps: ArcSwap<HashMap<String, AppStatus>>,
+    /// Decisions that raised the replica count.
+    pub ups: AtomicU64,
+    /// Decisions that lowered it.
+    pub downs: AtomicU64,
+    /// Runtime calls that failed (engine unreachable, refused, probe timeouts).
+    pub errors: AtomicU64,
+    /// Replicas started.
+    pub started: AtomicU64,
+    /// Replicas stopped and removed by the scaler.
+    pub removed: AtomicU64,
+    /// Replicas that died or vanished outside the gateway.
+    pub lost: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Ready,
+    Draining,
+}
+
+#[derive(Debug)]
+struct Known {
+    addr: Option<SocketAddr>,
+    phase: Phase,
+    /// The drain-and-remove task was started.
+    removing: bool,
+}
+
+impl Known {
+    fn starting(addr: Option<SocketAddr>) -> Self {
+        Self {
+            addr,
+            phase: Phase::Starting,
+            removing: false,
+        }
+    }
+}
+
+/// What the spawned tasks report back.
+enum Event {
+    Started { app: String, replica: Replica },
+    StartFailed { app: String },
+    Ready { app: String, id: String },
+    NotReady { app: String, id: String },
+    Removed { app: String, id: String },
+}
+
+struct AppScaler {
+    policy: State,
+    replicas: HashMap<String, Known>,
+    /// Start calls not answered yet.
+    pending: u32,
+    managed: Vec<Target>,
+    upstream: usize,
+    last: Option<Decision>,
+    cold_hits: u64,
+}
+
+/// The loop.
+pub struct Controller {
+    registry: Arc<Registry>,
+    model: Arc<CostModel>,
+    settings: ScalerSettings,
+    status: Arc<ScalerStatus>,
+    runtime: tokio::sync::Mutex<Option<Arc<dyn ContainerRuntime>>>,
+}
+
+impl Controller {
+    /// A controller over `registry`'s scaled apps.
+    pub fn new(
+        registry: Arc<Registry>,
+        model: Arc<CostModel>,
+        settings: ScalerSettings,
+        status: Arc<ScalerStatus>,
+    ) -> Self {
+        Self {
+            registry,
+            model,
+            settings,
+            status,
+            runtime: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The Docker runtime, connecting on first use (and again after a failure).
+    async fn runtime(&self) -> Option<Arc<dyn ContainerRuntime>> {
+        let mut slot = self.runtime.lock().await;
+        if slot.is_none() {
+            match DockerRuntime::connect().await {
+                Ok(rt) => {
+                    tracing::info!("scaler connected to the docker engine");
+                    *slot = Some(Arc::new(rt));
+                }
+                Err(e) => {
+                    self.status.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "scaler: docker engine unavailable");
+                }
+            }
+        }
+        slot.clone()
+    }
+
+    fn spawn_start(
+        &self,
+        rt: Arc<dyn ContainerRuntime>,
+        app: &str,
+        spec: &ScalingSpec,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) {
+        let (app, spec, tx) = (app.to_string(), spec.clone(), tx.clone());
+        tokio::spawn(async move {
+            match rt.start(&app, &spec).await {
+                Ok(replica) => {
+                    tracing::info!(app = %app, id = %short(&replica.id), addr = ?replica.addr, "replica started");
+                    let _ = tx.send(Event::Started { app, replica });
+                }
+                Err(e) => {
+                    tracing::warn!(app = %app, error = %e, "replica start failed");
+                    let _ = tx.send(Event::StartFailed { app });
+                }
+            }
+        });
+    }
+
+    fn spawn_probe(
+        &self,
+        app: &str,
+        id: &str,
+        addr: SocketAddr,
+        path: Option<String>,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) {
+        let (app, id, tx) = (app.to_string(), id.to_string(), tx.clone());
+        let deadline = Instant::now() + self.settings.ready_timeout;
+        tokio::spawn(async move {
+            loop {
+                if probe(addr, path.as_deref(), Duration::from_millis(500)).await {
+                    let _ = tx.send(Event::Ready { app, id });
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    let _ = tx.send(Event::NotReady { app, id });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+
+    fn spawn_drain(
+        &self,
+        rt: Arc<dyn ContainerRuntime>,
+        app: &Arc<App>,
+        id: &str,
+        addr: Option<SocketAddr>,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) {
+        let (name, id, tx) = (app.name().to_string(), id.to_string(), tx.clone());
+        let app = app.clone();
+        let grace = self.settings.grace;
+        tokio::spawn(async move {
+            // Out of the backends already: wait for what it is serving to finish.
+            let deadline = Instant::now() + grace;
+            while let Some(n) = addr.and_then(|a| in_flight(&app, a)) {
+                if n <= 0 || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Err(e) = rt.remove(&id, grace).await {
+                tracing::warn!(app = %name, id = %short(&id), error = %e, "replica removal failed");
+            } else {
+                tracing::info!(app = %name, id = %short(&id), "replica drained and removed");
+            }
+            let _ = tx.send(Event::Removed { app: name, id });
+        });
+    }
+
+    async fn pass(
+        &self,
+        states: &mut HashMap<String, AppScaler>,
+        tx: &mpsc::UnboundedSender<Event>,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) {
+        // Results of earlier tasks first, so this pass sees the replicas they started.
+        while let Ok(ev) = rx.try_recv() {
+            self.apply(states, ev, tx);
+        }
+        let apps: Vec<Arc<App>> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|a| a.scaling().is_some_and(|s| s.driver == Driver::Docker))
+            .collect();
+        let gone: Vec<String> = states
+            .keys()
+            .filter(|name| !apps.iter().any(|a| a.name() == name.as_str()))
+            .cloned()
+            .collect();
+        if apps.is_empty() && gone.is_empty() {
+            return;
+        }
+        let Some(rt) = self.runtime().await else {
+            return;
+        };
+        // Apps deregistered (or no longer scaled): their replicas go too.
+        for name in gone {
+            states.remove(&name);
+            match rt.list(&name).await {
+                Ok(list) => {
+                    tracing::info!(app = %name, replicas = list.len(), "app no longer scaled: removing its replicas");
+                    for r in list {
+                        let (rt, grace) = (rt.clone(), self.settings.grace);
+                        tokio::spawn(async move {
+                            let _ = rt.remove(&r.id, grace).await;
+                        });
+                    }
+                }
+                Err(e) => {
+                    self.status.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(app = %name, error = %e, "scaler: cannot list replicas to remove");
+                }
+            }
+        }
+        let now = Instant::now();
+        for app in &apps {
+            let name = app.name().to_string();
+            let state = states.entry(name.clone()).or_insert_with(|| AppScaler {
+                policy: State::new(now),
+                replicas: HashMap::new(),
+                pending: 0,
+                managed: Vec::new(),
+                upstream: 0,
+                last: None,
+                cold_hits: 0,
+            });
+            let Some(spec) = app.scaling() else { continue };
+            // What the engine has: adopt, and notice the dead.
+            let listed = match rt.list(&name).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.status.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(app = %name, error = %e, "scaler: cannot list replicas");
+                    // The engine may have restarted: reconnect next pass.
+                    *self.runtime.lock().await = None;
+                    continue;
+                }
+            };
+            let mut gone = Vec::new();
+            for (id, k) in &state.replicas {
+                let alive = listed.iter().any(|r| &r.id == id && r.running);
+                if !alive && k.phase != Phase::Draining {
+                    gone.push(id.clone());
+                }
+            }
+            for id in gone {
+                state.replicas.remove(&id);
+                self.status.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(app = %name, id = %short(&id), "replica died or was removed outside the gateway");
+                let rt = rt.clone();
+                tokio::spawn(async move {
+                    let _ = rt.remove(&id, Duration::ZERO).await;
+                });
+            }
+            for r in &listed {
+                // Unknown running containers are adopted, unless a start of ours is still in
+                // flight (that container is then probably the one being started).
+                if r.running
+                    && state.pending == 0
+                    && !state.replicas.contains_key(&r.id)
+                    && r.addr.is_some()
+                {
+                    tracing::info!(app = %name, id = %short(&r.id), addr = ?r.addr, "adopting running replica");
+                    state.replicas.insert(r.id.clone(), Known::starting(r.addr));
+                    if let Some(addr) = r.addr {
+                        self.spawn_probe(&name, &r.id, addr, spec.ready_path.clone(), tx);
+                    }
+                } else if !r.running && state.pending == 0 && !state.replicas.contains_key(&r.id) {
+                    // Leftover exited container of ours: clean it up.
+                    let (rt, id) = (rt.clone(), r.id.clone());
+                    tokio::spawn(async move {
+                        let _ = rt.remove(&id, Duration::ZERO).await;
+                    });
+                }
+            }
+            // Ask the policy.
+            let count = |p: Phase| state.replicas.values().filter(|k| k.phase == p).count() as u32;
+            let replicas = Replicas {
+                ready: count(Phase::Ready),
+                starting: count(Phase::Starting) + state.pending,
+            };
+            let view = self.model.app(&name);
+            let cold = app.upstream.stats.cold_hits.load(Ordering::Relaxed);
+            let waiting = u32::try_from(cold.saturating_sub(state.cold_hits)).unwrap_or(u32::MAX);
+            state.cold_hits = cold;
+            let signals = view.as_ref().map_or(
+                Signals {
+                    waiting,
+                    ..Signals::default()
+                },
+                |v| Signals {
+                    concurrency_fast: v.model.concurrency_fast,
+                    concurrency_slow: v.model.concurrency_slow,
+                    rate_fast: v.model.arrival_rate,
+                    latency_ms: v.model.latency_fast_ms,
+                    waiting,
+                },
+            );
+            let d = policy::decide(
+                &spec.target(),
+                &self.settings.params,
+                &mut state.policy,
+                &signals,
+                replicas,
+                now,
+            );
+            let have = replicas.capacity();
+            if d.replicas != have || state.last.map(|l| l.reason) != Some(d.reason) {
+                let level = d.replicas != have;
+                if level {
+                    tracing::info!(app = %name, from = have, to = d.replicas, reason = d.reason.as_str(),
+                        concurrency = signals.concurrency_fast, latency_ms = ?signals.latency_ms, "scaling");
+                } else {
+                    tracing::debug!(app = %name, replicas = have, reason = d.reason.as_str(), "scaler decision");
+                }
+            }
+            state.last = Some(d);
+            if d.replicas > have {
+                self.status.ups.fetch_add(1, Ordering::Relaxed);
+                for _ in 0..d.replicas - have {
+                    state.pending += 1;
+                    self.spawn_start(rt.clone(), &name, spec, tx);
+                }
+            } else if d.replicas < have {
+                self.status.downs.fetch_add(1, Ordering::Relaxed);
+                let extra = have - d.replicas;
+                // Starting ones first (they serve nothing yet), then the least loaded.
+                let mut starting: Vec<String> = state
+                    .replicas
+                    .iter()
+                    .filter(|(_, k)| k.phase == Phase::Starting)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                starting.sort();
+                let mut ready: Vec<(i64, String)> = state
+                    .replicas
+                    .iter()
+                    .filter(|(_, k)| k.phase == Phase::Ready)
+                    .map(|(id, k)| {
+                        (
+                            k.addr.and_then(|a| in_flight(app, a)).unwrap_or(0),
+                            id.clone(),
+                        )
+                    })
+                    .collect();
+                ready.sort();
+                let victims: Vec<String> = starting
+                    .into_iter()
+                    .chain(ready.into_iter().map(|(_, id)| id))
+                    .take(extra as usize)
+                    .collect();
+                for id in victims {
+                    if let Some(k) = state.replicas.get_mut(&id) {
+                        k.phase = Phase::Draining;
+                    }
+                }
+            }
+            // Backends: the ready replicas. Re-applied when the app's upstream was replaced.
+            let managed: Vec<Target> = state
+                .replicas
+                .values()
+                .filter(|k| k.phase == Phase::Ready)
+                .filter_map(|k| k.addr)
+                .map(target)
+                .collect();
+            let upstream = Arc::as_ptr(&app.upstream) as usize;
+            if managed_changed(&state.managed, &managed) || upstream != state.upstream {
+                app.upstream.set_managed(&managed).await;
+                state.managed = managed;
+                state.upstream = upstream;
+            }
+            // Drain what left the backends (once per replica: the task reports back).
+            for (id, k) in state.replicas.iter_mut() {
+                if k.phase == Phase::Draining && !k.removing {
+                    k.removing = true;
+                    self.spawn_drain(rt.clone(), app, id, k.addr, tx);
+                }
+            }
+        }
+        self.publish(states);
+    }
+
+    fn apply(
+        &self,
+        states: &mut HashMap<String, AppScaler>,
+        ev: Event,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) {
+        match ev {
+            Event::Started { app, replica } => {
+                self.status.started.fetch_add(1, Ordering::Relaxed);
+                let path = self
+                    .registry
+                    .get(&app)
+                    .and_then(|a| a.scaling().and_then(|s| s.ready_path.clone()));
+                let mut probe = replica.addr;
+                if let Some(st) = states.get_mut(&app) {
+                    st.pending = st.pending.saturating_sub(1);
+                    if st.replicas.contains_key(&replica.id) {
+                        probe = None; // adopted meanwhile, already probed
+                    } else {
+                        st.replicas
+                            .insert(replica.id.clone(), Known::starting(replica.addr));
+                    }
+                }
+                if let Some(addr) = probe {
+                    self.spawn_probe(&app, &replica.id, addr, path, tx);
+                }
+            }
+            Event::StartFailed { app } => {
+                self.status.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(st) = states.get_mut(&app) {
+                    st.pending = st.pending.saturating_sub(1);
+                }
+            }
+            Event::Ready { app, id } => {
+                if let Some(k) = states.get_mut(&app).and_then(|s| s.replicas.get_mut(&id)) {
+                    if k.phase == Phase::Starting {
+                        k.phase = Phase::Ready;
+                        tracing::info!(app = %app, id = %short(&id), addr = ?k.addr, "replica ready");
+                    }
+                }
+            }
+            Event::NotReady { app, id } => {
+                self.status.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(app = %app, id = %short(&id), "replica never became ready; removing it");
+                if let Some(k) = states.get_mut(&app).and_then(|s| s.replicas.get_mut(&id)) {
+                    k.phase = Phase::Draining;
+                }
+            }
+            Event::Removed { app, id } => {
+                self.status.removed.fetch_add(1, Ordering::Relaxed);
+                if let Some(st) = states.get_mut(&app) {
+                    st.replicas.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, states: &HashMap<String, AppScaler>) {
+        let snap = states
+            .iter()
+            .map(|(name, st)| {
+                let count = |p: Phase| st.replicas.values().filter(|k| k.phase == p).count() as u32;
+                (
+                    name.clone(),
+                    AppStatus {
+                        desired: st.last.map_or(0, |d| d.replicas),
+                        ready: count(Phase::Ready),
+                        starting: count(Phase::Starting) + st.pending,
+                        draining: count(Phase::Draining),
+                        reason: st.last.map_or(Reason::Steady, |d| d.reason).as_str(),
+                    },
+                )
+            })
+            .collect();
+        self.status.apps.store(Arc::new(snap));
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+fn target(addr: SocketAddr) -> Target {
+    Target {
+        endpoint: format!("http://{addr}"),
+        addr,
+        tls: false,
+        sni: String::new(),
+    }
+}
+
+fn managed_changed(a: &[Target], b: &[Target]) -> bool {
+    a.len() != b.len() || a.iter().any(|x| !b.iter().any(|y| y.addr == x.addr))
+}
+
+/// Requests in flight on the app's backend at `addr`.
+fn in_flight(app: &App, addr: SocketAddr) -> Option<i64> {
+    app.upstream.backends().iter().find_map(|b| {
+        (b.addr.as_inet() == Some(&addr))
+            .then(|| crate::upstream::info(b))
+            .flatten()
+            .map(|i| i.counters.in_flight.load(Ordering::Relaxed))
+    })
+}
+
+#[async_trait]
+impl BackgroundService for Controller {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut states = HashMap::new();
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.pass(&mut states, &tx, &mut rx).await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

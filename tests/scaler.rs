@@ -1,0 +1,312 @@
+//! The scaler against the real Docker engine. A static test app (tests/support/scale_backend.rs,
+//! latency growing with its concurrency) is built into a `FROM scratch` image; an app
+//! registered with a docker scaling spec is driven up by a bounded load loop, has a replica
+//! killed and replaced, comes back down when the load stops, and is adopted (not restarted)
+//! by a restarted gateway; no request fails while the load runs. Every container and image
+//! the test makes is removed at the end, however it ends.
+
+mod common;
+
+use common::{Gateway, ADMIN_KEY};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "scaler-test-token-0123456789";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("the docker CLI is needed for this test and could not run: {e}")
+        });
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Removes the app's containers and the test image when dropped.
+struct Cleanup {
+    app: String,
+    image: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for id in containers(&self.app, true) {
+            docker(&["rm", "-f", &id]);
+        }
+        docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+fn containers(app: &str, all: bool) -> Vec<String> {
+    let filter = format!("label=nextgate.app={app}");
+    let mut args = vec!["ps", "-q", "--no-trunc", "--filter", &filter];
+    if all {
+        args.push("-a");
+    }
+    let (ok, out) = docker(&args);
+    assert!(ok, "docker ps: {out}");
+    let mut ids: Vec<String> = out.lines().map(str::to_string).collect();
+    ids.sort();
+    ids
+}
+
+/// Build the test app as a static binary and wrap it in a `FROM scratch` image.
+fn build_image(tag: &str) {
+    let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
+    assert!(
+        ok,
+        "the Docker engine must be running for the scaler tests: {out}"
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = dir.path().join("scale-backend");
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/scale_backend.rs"
+    );
+    let status = Command::new("rustc")
+        .args([
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            src,
+            "-o",
+        ])
+        .arg(&bin)
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "building the static test app failed");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY scale-backend /scale-backend\nEXPOSE 8080\nENTRYPOINT [\"/scale-backend\"]\n",
+    )
+    .expect("Dockerfile");
+    let (ok, out) = docker(&["build", "-q", "-t", tag, &dir.path().to_string_lossy()]);
+    assert!(ok, "docker build: {out}");
+}
+
+async fn app_view(gw: &Gateway, app: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(gw.admin_url(&format!("/v3/events/processes/{app}")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("app view")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn backends(gw: &Gateway, app: &str) -> usize {
+    app_view(gw, app).await["backends"]
+        .as_array()
+        .map_or(0, |b| b.len())
+}
+
+/// Wait until `cond(backends)` holds, up to `secs`; returns the last count.
+async fn wait_backends(gw: &Gateway, app: &str, secs: u64, cond: impl Fn(usize) -> bool) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let n = backends(gw, app).await;
+        if cond(n) || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+/// `workers` clients sending GETs until stopped (or 60 s, whichever is first).
+fn load(gw: &Gateway, app: &str, workers: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let url = gw.proxy_url(&format!("/v3/{app}/work"));
+    let tasks = (0..workers)
+        .map(|_| {
+            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.bytes().await;
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let status = r.status();
+                            errors.push(format!("{status} {}", r.text().await.unwrap_or_default()));
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.push(e.to_string());
+                        }
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    Load {
+        stop,
+        ok,
+        failed,
+        tasks,
+    }
+}
+
+impl Load {
+    async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for t in self.tasks {
+            errors.extend(t.await.expect("load task"));
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+#[tokio::test]
+async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
+    let app = format!("scaly{}", std::process::id());
+    let image = format!("nextgate-scale-test:{}", std::process::id());
+    let _cleanup = Cleanup {
+        app: app.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
+    let mut gw = Gateway::start(
+        "[health]\nkind = \"none\"\n\
+         [model]\ntick = \"100ms\"\nslow_decay = \"3s\"\n\
+         [scaler]\ntick = \"500ms\"\ngrace = \"2s\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
+    )
+    .await;
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": app, "token": TOKEN,
+            "scaling": {"driver": "docker", "image": image, "port": 8080,
+                        "min": 1, "max": 4, "target_concurrency": 2}
+        }))
+        .send()
+        .await
+        .expect("register");
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["scaling"]["driver"], "docker", "{body}");
+
+    // The minimum comes up on its own, probed before it gets traffic.
+    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
+    assert_eq!(n, 1, "one replica at the minimum; log:\n{}", gw.log_text());
+    assert_eq!(containers(&app, false).len(), 1);
+
+    // Load: 8 clients on replicas that get slower with concurrency (target 2 each).
+    let l = load(&gw, &app, 8);
+    let n = wait_backends(&gw, &app, 20, |n| n >= 3).await;
+    assert!(
+        n >= 3,
+        "scaled up under load: {n} backends; log:\n{}",
+        gw.log_text()
+    );
+
+    // A replica killed outside the gateway is noticed and replaced, under load.
+    let victim = containers(&app, false).pop().expect("a replica");
+    let (ok, out) = docker(&["kill", &victim]);
+    assert!(ok, "docker kill: {out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let replaced = loop {
+        let now = containers(&app, false);
+        if !now.contains(&victim) && now.len() >= 3 && backends(&gw, &app).await >= 3 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(replaced, "killed replica replaced; log:\n{}", gw.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok_count, failed, errors) = l.finish().await;
+    assert!(ok_count > 100, "the load ran: {ok_count} requests");
+    if failed > 0 {
+        let log = gw.log_text();
+        let scaler: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("scaler") || l.contains("WARN") || l.contains("ERROR"))
+            .take(80)
+            .collect();
+        panic!(
+            "{failed} requests failed while scaling, first: {:?}\nlog:\n{}",
+            &errors[..errors.len().min(5)],
+            scaler.join("\n")
+        );
+    }
+
+    // Load gone: back to the minimum, drained and removed.
+    let n = wait_backends(&gw, &app, 40, |n| n == 1).await;
+    assert_eq!(n, 1, "back to the minimum; log:\n{}", gw.log_text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while containers(&app, true).len() > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = containers(&app, true);
+    assert_eq!(before.len(), 1, "stopped replicas are removed");
+
+    // A restarted gateway adopts the running replica instead of starting another.
+    let _ = gw.terminate();
+    gw.restart().await;
+    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
+    assert_eq!(n, 1, "adopted after restart; log:\n{}", gw.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        containers(&app, true),
+        before,
+        "the same container, no new one"
+    );
+    let r = reqwest::get(gw.proxy_url(&format!("/v3/{app}/work")))
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+
+    // The scaler's work shows in the metrics.
+    let metrics = reqwest::Client::new()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(&format!(
+            "nextgate_scaler_replicas{{app=\"{app}\",state=\"ready\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
