@@ -274,6 +274,8 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         hub_addr: local_peer(settings.hub.addr),
         fail_penalty: settings.fail_penalty,
         balance_decay: settings.balance_decay,
+        hold_max: settings.scaler.hold_max,
+        hold_timeout: settings.scaler.hold_timeout,
     };
     let gateway = Gateway::new(registry.clone(), proxy_cfg);
     let unrouted = gateway.unrouted();

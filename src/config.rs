@@ -255,6 +255,10 @@ pub struct ScalerFile {
     pub stabilisation: String,
     /// No scale-down this soon after a scale-up.
     pub down_delay: String,
+    /// Most requests held per scaled app while it has no replica; more get 503.
+    pub hold_max: usize,
+    /// Longest a request is held waiting for a replica; then 503 with Retry-After.
+    pub hold_timeout: String,
 }
 
 impl Default for ScalerFile {
@@ -266,6 +270,8 @@ impl Default for ScalerFile {
             tolerance: 0.1,
             stabilisation: "60s".into(),
             down_delay: "30s".into(),
+            hold_max: 100,
+            hold_timeout: "30s".into(),
         }
     }
 }
@@ -283,6 +289,8 @@ impl ScalerFile {
             tick,
             grace: duration("scaler.grace", &self.grace)?,
             ready_timeout: duration("scaler.ready_timeout", &self.ready_timeout)?,
+            hold_max: self.hold_max,
+            hold_timeout: duration("scaler.hold_timeout", &self.hold_timeout)?,
             params: crate::scaler::policy::Params {
                 tolerance: self.tolerance,
                 stabilisation: duration("scaler.stabilisation", &self.stabilisation)?,

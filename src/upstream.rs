@@ -136,6 +136,10 @@ pub struct Upstream {
     set: Arc<ArcSwap<BTreeSet<Backend>>>,
     /// Registered targets and scaler-managed ones; the set is their union.
     parts: tokio::sync::Mutex<(Vec<Target>, Vec<Target>)>,
+    /// Woken whenever the set changes (requests held for a scaled app at zero wait on it).
+    changed: tokio::sync::Notify,
+    /// Requests held now, waiting for a backend.
+    pub held: std::sync::atomic::AtomicUsize,
     /// The app's request counters and route keys (kept across versions of the app).
     pub stats: Arc<AppStats>,
 }
@@ -164,6 +168,8 @@ impl Upstream {
             balance,
             set,
             parts: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
+            changed: tokio::sync::Notify::new(),
+            held: std::sync::atomic::AtomicUsize::new(0),
             stats,
         }
     }
@@ -223,6 +229,7 @@ impl Upstream {
         if let Err(e) = self.lb.update().await {
             tracing::error!(error = %e, "backend set update failed");
         }
+        self.changed.notify_waiters();
     }
 
     /// The registered and the scaler-managed targets (to rebuild them elsewhere).
@@ -238,6 +245,29 @@ impl Upstream {
     /// Whether the active health check currently passes for `backend`.
     pub fn healthy(&self, backend: &Backend) -> bool {
         self.lb.backends().ready(backend)
+    }
+
+    /// Wait until a backend qualifies for [`select`](Self::select), up to `timeout`.
+    pub async fn select_when_ready(
+        &self,
+        key: &[u8],
+        tried: &[SocketAddr],
+        cooldown: Duration,
+        timeout: Duration,
+    ) -> Option<Backend> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a change in between is not missed.
+            changed.as_mut().enable();
+            if let Some(b) = self.select(key, tried, cooldown) {
+                return Some(b);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// Pick a backend for a request: healthy, not in `tried`, and preferably not cooling down

@@ -310,3 +310,84 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_to_zero() {
+    let app = format!("zero{}", std::process::id());
+    let image = format!("nextgate-scale-test:zero{}", std::process::id());
+    let _cleanup = Cleanup {
+        app: app.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
+    let gw = Gateway::start(
+        "[health]\nkind = \"none\"\n\
+         [model]\ntick = \"100ms\"\nfast_decay = \"500ms\"\nslow_decay = \"1s\"\n\
+         [scaler]\ntick = \"250ms\"\ngrace = \"1s\"\nstabilisation = \"2s\"\ndown_delay = \"1s\"\n\
+         hold_max = 2\nhold_timeout = \"20s\"\n",
+    )
+    .await;
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": app, "token": TOKEN,
+            "scaling": {"driver": "docker", "image": image, "port": 8080,
+                        "min": 0, "max": 2, "idle_to_zero": "2s"}
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 201);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        containers(&app, true).is_empty(),
+        "min 0: nothing runs before a request"
+    );
+
+    // Four requests at once while at zero: two are held until the replica is ready and
+    // succeed, the two beyond hold_max get 503 with Retry-After at once.
+    let url = gw.proxy_url(&format!("/v3/{app}/work"));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                // Staggered a little so the held ones are in first.
+                tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                let r = reqwest::get(&url).await.expect("request");
+                let retry = r.headers().get("retry-after").is_some();
+                (r.status().as_u16(), retry)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("task"));
+    }
+    let waited = started.elapsed();
+    results.sort();
+    assert_eq!(
+        results,
+        vec![(200, false), (200, false), (503, true), (503, true)],
+        "log:\n{}",
+        gw.log_text()
+    );
+    assert!(waited < Duration::from_secs(20), "held {waited:?}");
+    assert_eq!(
+        containers(&app, false).len(),
+        1,
+        "one replica for the cold start"
+    );
+
+    // Idle for idle_to_zero: back to zero, the container removed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !containers(&app, true).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        containers(&app, true).is_empty(),
+        "scaled back to zero; log:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(backends(&gw, &app).await, 0);
+}

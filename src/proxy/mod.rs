@@ -62,6 +62,10 @@ pub struct ProxyConfig {
     pub hub_addr: SocketAddr,
     /// Latency charged to a backend for a failed attempt.
     pub fail_penalty: Duration,
+    /// Most requests held per scaled app while it has no backend (scale from zero).
+    pub hold_max: usize,
+    /// Longest a request is held.
+    pub hold_timeout: Duration,
     /// Time constant of the balancer's latency estimate.
     pub balance_decay: Duration,
 }
@@ -371,10 +375,28 @@ impl ProxyHttp for Gateway {
             ));
         };
         let key = session.req_header().uri.path().as_bytes();
-        let Some(backend) = app.upstream.select(key, &ctx.tried, self.cfg.fail_cooldown) else {
-            if ctx.tried.is_empty() {
-                app.upstream.stats.cold_hits.fetch_add(1, Ordering::Relaxed);
+        let mut chosen = app.upstream.select(key, &ctx.tried, self.cfg.fail_cooldown);
+        if chosen.is_none() && ctx.tried.is_empty() {
+            // The scaler's cold-start signal; a scaled app gets its request held until a
+            // replica is ready (bounded in count and time).
+            app.upstream.stats.cold_hits.fetch_add(1, Ordering::Relaxed);
+            if app.scaling().is_some() {
+                let held = &app.upstream.held;
+                if held.fetch_add(1, Ordering::AcqRel) < self.cfg.hold_max {
+                    chosen = app
+                        .upstream
+                        .select_when_ready(
+                            key,
+                            &ctx.tried,
+                            self.cfg.fail_cooldown,
+                            self.cfg.hold_timeout,
+                        )
+                        .await;
+                }
+                held.fetch_sub(1, Ordering::AcqRel);
             }
+        }
+        let Some(backend) = chosen else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "no healthy backend",

@@ -39,6 +39,10 @@ pub struct ScalerSettings {
     pub grace: Duration,
     /// How long a new replica may take to answer its probe.
     pub ready_timeout: Duration,
+    /// Most requests held per app at zero replicas.
+    pub hold_max: usize,
+    /// Longest a request is held.
+    pub hold_timeout: Duration,
     /// Policy parameters.
     pub params: Params,
 }

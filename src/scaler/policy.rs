@@ -175,8 +175,11 @@ impl State {
     }
 }
 
+/// Signals under this count as no load.
+const IDLE: f64 = 0.01;
+
 fn wanted(concurrency: f64, per_replica: f64) -> u32 {
-    if concurrency <= 0.0 {
+    if concurrency <= IDLE {
         return 0;
     }
     (concurrency / per_replica.max(1e-9) - 1e-9).ceil().max(1.0) as u32
@@ -193,7 +196,8 @@ pub fn decide(
 ) -> Decision {
     let current = r.capacity();
     let clamp = |n: u32| n.clamp(t.min, t.max.max(t.min));
-    if s.concurrency_fast > 0.0 || s.rate_fast > 0.0 || s.waiting > 0 {
+    // Averages decay towards zero without reaching it: under a hundredth is idle.
+    if s.concurrency_fast > IDLE || s.rate_fast > IDLE || s.waiting > 0 {
         state.last_request = now;
     }
 
