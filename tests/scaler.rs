@@ -96,6 +96,18 @@ fn build_image(tag: &str) {
     assert!(ok, "docker build: {out}");
 }
 
+async fn metrics(gw: &Gateway) -> String {
+    reqwest::Client::new()
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 async fn app_view(gw: &Gateway, app: &str) -> serde_json::Value {
     reqwest::Client::new()
         .get(gw.admin_url(&format!("/v3/events/processes/{app}")))
@@ -227,6 +239,26 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
 
     // Load: 8 clients on replicas that get slower with concurrency (target 2 each).
     let l = load(&gw, &app, 8);
+    let step = Instant::now();
+    let deadline = step + Duration::from_secs(10);
+    let mut reacted = None;
+    while reacted.is_none() && Instant::now() < deadline {
+        let m = metrics(&gw).await;
+        if m.contains(&format!(
+            "nextgate_scaler_replicas{{app=\"{app}\",state=\"desired\"}} 1\n"
+        )) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else if m.contains(&format!(
+            "nextgate_scaler_replicas{{app=\"{app}\",state=\"desired\"}}"
+        )) {
+            reacted = Some(step.elapsed());
+        }
+    }
+    eprintln!("scale-up decided {reacted:?} after the load step");
+    assert!(
+        reacted.is_some_and(|r| r < Duration::from_secs(5)),
+        "reaction {reacted:?}"
+    );
     let n = wait_backends(&gw, &app, 20, |n| n >= 3).await;
     assert!(
         n >= 3,
@@ -294,15 +326,7 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
     assert_eq!(r.status(), 200);
 
     // The scaler's work shows in the metrics.
-    let metrics = reqwest::Client::new()
-        .get(gw.admin_url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&gw).await;
     assert!(
         metrics.contains(&format!(
             "nextgate_scaler_replicas{{app=\"{app}\",state=\"ready\"}} 1"
@@ -390,4 +414,121 @@ async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_
         gw.log_text()
     );
     assert_eq!(backends(&gw, &app).await, 0);
+}
+
+/// Leaves the swarm on drop if the test initialised it; removes its service.
+struct SwarmGuard {
+    initialised: bool,
+    service: String,
+}
+
+impl Drop for SwarmGuard {
+    fn drop(&mut self) {
+        docker(&["service", "rm", &self.service]);
+        if self.initialised {
+            docker(&["swarm", "leave", "--force"]);
+        }
+    }
+}
+
+fn service_replicas(service: &str) -> u32 {
+    let (ok, out) = docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{.Spec.Mode.Replicated.Replicas}}",
+        service,
+    ]);
+    assert!(ok, "docker service inspect: {out}");
+    out.trim().parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_swarm_service_follows_the_load() {
+    let app = format!("swarmy{}", std::process::id());
+    let image = format!("nextgate-scale-test:swarm{}", std::process::id());
+    let _cleanup = Cleanup {
+        app: app.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
+    // A single-node swarm: made here if the engine is not in one, and left again afterwards.
+    let (ok, state) = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+    assert!(ok, "docker info: {state}");
+    let initialised = state.trim() == "inactive";
+    if initialised {
+        let (ok, out) = docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        assert!(ok, "docker swarm init: {out}");
+    }
+    let service = format!("nextgate-test-{app}");
+    let _swarm = SwarmGuard {
+        initialised,
+        service: service.clone(),
+    };
+    // Publishing the port attaches the tasks to this node's docker_gwbridge, where the
+    // gateway reaches each task directly.
+    let (ok, out) = docker(&[
+        "service",
+        "create",
+        "--quiet",
+        "--name",
+        &service,
+        "--replicas",
+        "1",
+        "--publish",
+        "target=8080",
+        &image,
+    ]);
+    assert!(ok, "docker service create: {out}");
+
+    let gw = Gateway::start(
+        "[health]\nkind = \"none\"\n\
+         [model]\ntick = \"100ms\"\nslow_decay = \"3s\"\n\
+         [scaler]\ntick = \"500ms\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
+    )
+    .await;
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": app, "token": TOKEN,
+            "scaling": {"driver": "swarm", "service": service, "port": 8080,
+                        "min": 1, "max": 3, "target_concurrency": 2}
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 201);
+    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
+    assert_eq!(
+        n,
+        1,
+        "the service's task is the backend; log:\n{}",
+        gw.log_text()
+    );
+
+    let l = load(&gw, &app, 8);
+    let n = wait_backends(&gw, &app, 30, |n| n >= 2).await;
+    assert!(
+        n >= 2,
+        "more tasks under load: {n}; log:\n{}",
+        gw.log_text()
+    );
+    assert!(service_replicas(&service) >= 2);
+    let (ok_count, failed, errors) = l.finish().await;
+    assert!(ok_count > 100, "the load ran: {ok_count}");
+    assert_eq!(
+        failed,
+        0,
+        "no request fails while scaling up: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+
+    // Load gone: the service goes back to its minimum.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while service_replicas(&service) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(service_replicas(&service), 1, "log:\n{}", gw.log_text());
+    let n = wait_backends(&gw, &app, 20, |n| n == 1).await;
+    assert_eq!(n, 1);
 }

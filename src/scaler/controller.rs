@@ -13,7 +13,7 @@
 //!   loop keeps trying.
 
 use super::policy::{self, Decision, Params, Reason, Replicas, Signals, State};
-use super::runtime::{probe, ContainerRuntime, DockerRuntime, Replica};
+use super::runtime::{probe, ContainerRuntime, DockerRuntime, Replica, ServiceRuntime};
 use super::spec::{Driver, ScalingSpec};
 use crate::cost::CostModel;
 use crate::registry::{App, Registry};
@@ -132,7 +132,7 @@ pub struct Controller {
     model: Arc<CostModel>,
     settings: ScalerSettings,
     status: Arc<ScalerStatus>,
-    runtime: tokio::sync::Mutex<Option<Arc<dyn ContainerRuntime>>>,
+    runtime: tokio::sync::Mutex<Option<Arc<DockerRuntime>>>,
 }
 
 impl Controller {
@@ -153,7 +153,7 @@ impl Controller {
     }
 
     /// The Docker runtime, connecting on first use (and again after a failure).
-    async fn runtime(&self) -> Option<Arc<dyn ContainerRuntime>> {
+    async fn runtime(&self) -> Option<Arc<DockerRuntime>> {
         let mut slot = self.runtime.lock().await;
         if slot.is_none() {
             match DockerRuntime::connect().await {
@@ -260,7 +260,7 @@ impl Controller {
             .registry
             .list()
             .into_iter()
-            .filter(|a| a.scaling().is_some_and(|s| s.driver == Driver::Docker))
+            .filter(|a| a.scaling().is_some())
             .collect();
         let gone: Vec<String> = states
             .keys()
@@ -270,9 +270,11 @@ impl Controller {
         if apps.is_empty() && gone.is_empty() {
             return;
         }
-        let Some(rt) = self.runtime().await else {
+        let Some(docker) = self.runtime().await else {
             return;
         };
+        let rt: Arc<dyn ContainerRuntime> = docker.clone();
+        let services: Arc<dyn ServiceRuntime> = docker;
         // Apps deregistered (or no longer scaled): their replicas go too.
         for name in gone {
             states.remove(&name);
@@ -305,6 +307,10 @@ impl Controller {
                 cold_hits: 0,
             });
             let Some(spec) = app.scaling() else { continue };
+            if spec.driver == Driver::Swarm {
+                self.swarm_app(&services, app, spec, state, now, tx).await;
+                continue;
+            }
             // What the engine has: adopt, and notice the dead.
             let listed = match rt.list(&name).await {
                 Ok(l) => l,
@@ -359,42 +365,8 @@ impl Controller {
                 ready: count(Phase::Ready),
                 starting: count(Phase::Starting) + state.pending,
             };
-            let view = self.model.app(&name);
-            let cold = app.upstream.stats.cold_hits.load(Ordering::Relaxed);
-            let waiting = u32::try_from(cold.saturating_sub(state.cold_hits)).unwrap_or(u32::MAX);
-            state.cold_hits = cold;
-            let signals = view.as_ref().map_or(
-                Signals {
-                    waiting,
-                    ..Signals::default()
-                },
-                |v| Signals {
-                    concurrency_fast: v.model.concurrency_fast,
-                    concurrency_slow: v.model.concurrency_slow,
-                    rate_fast: v.model.arrival_rate,
-                    latency_ms: v.model.latency_fast_ms,
-                    waiting,
-                },
-            );
-            let d = policy::decide(
-                &spec.target(),
-                &self.settings.params,
-                &mut state.policy,
-                &signals,
-                replicas,
-                now,
-            );
+            let d = self.ask(app, spec, state, replicas, now);
             let have = replicas.capacity();
-            if d.replicas != have || state.last.map(|l| l.reason) != Some(d.reason) {
-                let level = d.replicas != have;
-                if level {
-                    tracing::info!(app = %name, from = have, to = d.replicas, reason = d.reason.as_str(),
-                        concurrency = signals.concurrency_fast, latency_ms = ?signals.latency_ms, "scaling");
-                } else {
-                    tracing::debug!(app = %name, replicas = have, reason = d.reason.as_str(), "scaler decision");
-                }
-            }
-            state.last = Some(d);
             if d.replicas > have {
                 self.status.ups.fetch_add(1, Ordering::Relaxed);
                 for _ in 0..d.replicas - have {
@@ -435,20 +407,7 @@ impl Controller {
                     }
                 }
             }
-            // Backends: the ready replicas. Re-applied when the app's upstream was replaced.
-            let managed: Vec<Target> = state
-                .replicas
-                .values()
-                .filter(|k| k.phase == Phase::Ready)
-                .filter_map(|k| k.addr)
-                .map(target)
-                .collect();
-            let upstream = Arc::as_ptr(&app.upstream) as usize;
-            if managed_changed(&state.managed, &managed) || upstream != state.upstream {
-                app.upstream.set_managed(&managed).await;
-                state.managed = managed;
-                state.upstream = upstream;
-            }
+            apply_managed(app, state).await;
             // Drain what left the backends (once per replica: the task reports back).
             for (id, k) in state.replicas.iter_mut() {
                 if k.phase == Phase::Draining && !k.removing {
@@ -458,6 +417,133 @@ impl Controller {
             }
         }
         self.publish(states);
+    }
+
+    /// A swarm app: the service's replica count follows the decision; its running tasks,
+    /// once probed, are the backends. Swarm picks which task stops on scale-down: requests
+    /// cut by it are retried on another task by the proxy (idempotent ones, or any that had
+    /// not reached the task).
+    async fn swarm_app(
+        &self,
+        rt: &Arc<dyn ServiceRuntime>,
+        app: &Arc<App>,
+        spec: &ScalingSpec,
+        state: &mut AppScaler,
+        now: Instant,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) {
+        let name = app.name();
+        let Some(service) = spec.service.as_deref() else {
+            return;
+        };
+        let (desired, tasks) = match (
+            rt.replicas(service).await,
+            rt.tasks(service, spec.port).await,
+        ) {
+            (Ok(d), Ok(t)) => (d, t),
+            (Err(e), _) | (_, Err(e)) => {
+                self.status.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(app = %name, service, error = %e, "scaler: cannot read the swarm service");
+                return;
+            }
+        };
+        // Tasks that went away leave; new running ones are probed before they serve.
+        let before = state.replicas.len();
+        state.replicas.retain(|id, _| {
+            tasks
+                .iter()
+                .any(|t| &t.id == id && t.running && t.addr.is_some())
+        });
+        let lost = before - state.replicas.len();
+        if lost > 0 {
+            tracing::info!(app = %name, service, tasks = lost, "swarm tasks gone");
+        }
+        for t in tasks.iter().filter(|t| t.running) {
+            let Some(addr) = t.addr else { continue };
+            if !state.replicas.contains_key(&t.id) {
+                state
+                    .replicas
+                    .insert(t.id.clone(), Known::starting(Some(addr)));
+                self.spawn_probe(name, &t.id, addr, spec.ready_path.clone(), tx);
+            }
+        }
+        let ready = state
+            .replicas
+            .values()
+            .filter(|k| k.phase == Phase::Ready)
+            .count() as u32;
+        let replicas = Replicas {
+            ready,
+            starting: desired.saturating_sub(ready),
+        };
+        let d = self.ask(app, spec, state, replicas, now);
+        if d.replicas != desired {
+            if d.replicas > desired {
+                self.status.ups.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.status.downs.fetch_add(1, Ordering::Relaxed);
+            }
+            match rt.set_replicas(service, d.replicas).await {
+                Ok(()) => {
+                    tracing::info!(app = %name, service, from = desired, to = d.replicas, "swarm service scaled")
+                }
+                Err(e) => {
+                    self.status.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(app = %name, service, error = %e, "scaler: cannot scale the swarm service");
+                }
+            }
+        }
+        state.pending = d.replicas.saturating_sub(ready);
+        apply_managed(app, state).await;
+    }
+
+    /// Signals from the cost model, the policy's decision, logged when it changes.
+    fn ask(
+        &self,
+        app: &App,
+        spec: &ScalingSpec,
+        state: &mut AppScaler,
+        replicas: Replicas,
+        now: Instant,
+    ) -> Decision {
+        let name = app.name();
+        let view = self.model.app(name);
+        let cold = app.upstream.stats.cold_hits.load(Ordering::Relaxed);
+        let waiting = u32::try_from(cold.saturating_sub(state.cold_hits)).unwrap_or(u32::MAX);
+        state.cold_hits = cold;
+        let signals = view.as_ref().map_or(
+            Signals {
+                waiting,
+                ..Signals::default()
+            },
+            |v| Signals {
+                concurrency_fast: v.model.concurrency_fast,
+                concurrency_slow: v.model.concurrency_slow,
+                rate_fast: v.model.arrival_rate,
+                latency_ms: v.model.latency_fast_ms,
+                waiting,
+            },
+        );
+        let d = policy::decide(
+            &spec.target(),
+            &self.settings.params,
+            &mut state.policy,
+            &signals,
+            replicas,
+            now,
+        );
+        let have = replicas.capacity();
+        if d.replicas != have || state.last.map(|l| l.reason) != Some(d.reason) {
+            let level = d.replicas != have;
+            if level {
+                tracing::info!(app = %name, from = have, to = d.replicas, reason = d.reason.as_str(),
+                concurrency = signals.concurrency_fast, latency_ms = ?signals.latency_ms, "scaling");
+            } else {
+                tracing::debug!(app = %name, replicas = have, reason = d.reason.as_str(), "scaler decision");
+            }
+        }
+        state.last = Some(d);
+        d
     }
 
     fn apply(
@@ -535,6 +621,24 @@ impl Controller {
             })
             .collect();
         self.status.apps.store(Arc::new(snap));
+    }
+}
+
+/// Make the app's scaler-managed backends the ready replicas (again when the app's upstream
+/// was replaced by a re-registration).
+async fn apply_managed(app: &App, state: &mut AppScaler) {
+    let managed: Vec<Target> = state
+        .replicas
+        .values()
+        .filter(|k| k.phase == Phase::Ready)
+        .filter_map(|k| k.addr)
+        .map(target)
+        .collect();
+    let upstream = Arc::as_ptr(&app.upstream) as usize;
+    if managed_changed(&state.managed, &managed) || upstream != state.upstream {
+        app.upstream.set_managed(&managed).await;
+        state.managed = managed;
+        state.upstream = upstream;
     }
 }
 

@@ -197,3 +197,106 @@ pub async fn probe(addr: SocketAddr, path: Option<&str>, timeout: Duration) -> b
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }
+
+/// A Docker Swarm service whose replica count the scaler sets. Its running tasks are reached
+/// directly on this node's `docker_gwbridge` network, so the service must publish its port
+/// (any published port: that is what attaches its tasks there) and run on this node.
+#[async_trait]
+pub trait ServiceRuntime: Send + Sync {
+    /// The replica count the service asks for now.
+    async fn replicas(&self, service: &str) -> Result<u32, RuntimeError>;
+    /// Set the replica count (the whole spec goes back with the version read).
+    async fn set_replicas(&self, service: &str, replicas: u32) -> Result<(), RuntimeError>;
+    /// The service's running tasks, each with its address for `port`.
+    async fn tasks(&self, service: &str, port: u16) -> Result<Vec<Replica>, RuntimeError>;
+}
+
+/// The bridge network through which a node reaches its Swarm tasks.
+const GWBRIDGE: &str = "docker_gwbridge";
+
+#[async_trait]
+impl ServiceRuntime for DockerRuntime {
+    async fn replicas(&self, service: &str) -> Result<u32, RuntimeError> {
+        let s = self
+            .docker
+            .inspect_service(service, None)
+            .await
+            .map_err(engine)?;
+        let n = s
+            .spec
+            .and_then(|spec| spec.mode)
+            .and_then(|m| m.replicated)
+            .and_then(|r| r.replicas)
+            .ok_or_else(|| {
+                RuntimeError::Engine(format!("service `{service}` is not replicated"))
+            })?;
+        Ok(u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+    }
+
+    async fn set_replicas(&self, service: &str, replicas: u32) -> Result<(), RuntimeError> {
+        let s = self
+            .docker
+            .inspect_service(service, None)
+            .await
+            .map_err(engine)?;
+        let version = s
+            .version
+            .and_then(|v| v.index)
+            .ok_or_else(|| RuntimeError::Engine(format!("service `{service}` has no version")))?;
+        let mut spec = s
+            .spec
+            .ok_or_else(|| RuntimeError::Engine(format!("service `{service}` has no spec")))?;
+        let mode = spec.mode.get_or_insert_with(Default::default);
+        mode.replicated
+            .get_or_insert_with(Default::default)
+            .replicas = Some(i64::from(replicas));
+        let opts = bollard::query_parameters::UpdateServiceOptionsBuilder::default()
+            .version(i32::try_from(version).unwrap_or(i32::MAX))
+            .build();
+        self.docker
+            .update_service(service, spec, opts, None)
+            .await
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    async fn tasks(&self, service: &str, port: u16) -> Result<Vec<Replica>, RuntimeError> {
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([
+            ("service", vec![service.to_string()]),
+            ("desired-state", vec!["running".to_string()]),
+        ]);
+        let opts = bollard::query_parameters::ListTasksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let tasks = self.docker.list_tasks(Some(opts)).await.map_err(engine)?;
+        let bridge = self
+            .docker
+            .inspect_network(GWBRIDGE, None)
+            .await
+            .map_err(engine)?;
+        // The bridge lists its endpoints by container id.
+        let ips: HashMap<String, Ipv4Addr> = bridge
+            .containers
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, e)| {
+                let ip = e.ipv4_address?.split('/').next()?.parse().ok()?;
+                Some((id, ip))
+            })
+            .collect();
+        Ok(tasks
+            .into_iter()
+            .filter_map(|t| {
+                let status = t.status?;
+                let running = status.state == Some(bollard::models::TaskState::RUNNING);
+                let container = status.container_status?.container_id?;
+                let addr = ips.get(&container).map(|ip| SocketAddr::from((*ip, port)));
+                Some(Replica {
+                    id: t.id?,
+                    addr,
+                    running,
+                })
+            })
+            .collect())
+    }
+}
