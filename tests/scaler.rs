@@ -532,3 +532,60 @@ async fn a_swarm_service_follows_the_load() {
     let n = wait_backends(&gw, &app, 20, |n| n == 1).await;
     assert_eq!(n, 1);
 }
+
+#[tokio::test]
+async fn an_unreachable_engine_is_an_error_and_a_metric_not_a_crash() {
+    let backend = common::Backend::start("plain").await;
+    let mut gw = Gateway::start(
+        "[health]\nkind = \"none\"\n[scaler]\ntick = \"200ms\"\nhold_timeout = \"1s\"\n",
+    )
+    .await;
+    gw.env.push((
+        "DOCKER_HOST".into(),
+        "unix:///nonexistent/nextgate-test/docker.sock".into(),
+    ));
+    gw.restart().await;
+    gw.register("plain", &[backend.url()], TOKEN).await;
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": "scaled", "token": "another-token-0123456789",
+            "scaling": {"driver": "docker", "image": "nothing:here", "port": 8080, "max": 2}
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut errors = 0.0;
+    while errors == 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        errors = metrics(&gw)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("nextgate_scaler_errors_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+    }
+    assert!(errors > 0.0, "errors counted; log:\n{}", gw.log_text());
+    assert!(
+        gw.log_text().contains("docker engine unavailable"),
+        "{}",
+        gw.log_text()
+    );
+    // The rest of the gateway keeps serving.
+    let r = reqwest::get(gw.proxy_url("/v3/plain/id"))
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "plain");
+    let r = reqwest::get(gw.proxy_url("/v3/scaled/x"))
+        .await
+        .expect("request");
+    assert_eq!(
+        r.status(),
+        503,
+        "no replica: held for hold_timeout, then a clear 503"
+    );
+    assert!(r.headers().get("retry-after").is_some());
+}

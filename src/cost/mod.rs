@@ -87,7 +87,7 @@ struct AppState {
 /// The model: state folded on every tick, and the latest snapshot for readers.
 pub struct CostModel {
     params: ModelParams,
-    state: Mutex<HashMap<String, AppState>>,
+    state: Mutex<(HashMap<String, AppState>, Option<Instant>)>,
     snapshot: ArcSwap<HashMap<String, Arc<AppView>>>,
 }
 
@@ -95,31 +95,27 @@ fn mean_ms(sum_us: u64, n: u64) -> Option<f64> {
     (n > 0).then(|| (sum_us as f64 / n as f64).round() / 1000.0)
 }
 
+/// A series seen for the first time: its counters started at zero (with the app, the backend
+/// or the route key), so what they hold happened since the previous tick, `since`.
+fn first_sight(r: counters::Reading, since: Instant, now: Instant, p: &ModelParams) -> Series {
+    let mut s = Series::new(counters::Reading::default(), since, p);
+    s.update(r, now, p);
+    s
+}
+
 fn fold(
     map: &mut HashMap<String, Series>,
     key: &str,
     r: counters::Reading,
+    since: Instant,
     now: Instant,
     p: &ModelParams,
 ) -> SeriesView {
-    match map.get_mut(key) {
-        Some(s) => {
-            s.update(r, now, p);
-            s.view()
-        }
-        None => {
-            // First sight: everything counted so far happened in an unknown span, so the
-            // series starts from this reading (rates begin at the next tick).
-            let s = Series::new(r, now, p);
-            let v = SeriesView {
-                requests: r.requests,
-                errors: r.errors,
-                ..s.view()
-            };
-            map.insert(key.to_string(), s);
-            v
-        }
-    }
+    let s = map
+        .entry(key.to_string())
+        .and_modify(|s| s.update(r, now, p))
+        .or_insert_with(|| first_sight(r, since, now, p));
+    s.view()
 }
 
 impl CostModel {
@@ -127,7 +123,7 @@ impl CostModel {
     pub fn new(params: ModelParams) -> Self {
         Self {
             params,
-            state: Mutex::new(HashMap::new()),
+            state: Mutex::new((HashMap::new(), None)),
             snapshot: ArcSwap::from_pointee(HashMap::new()),
         }
     }
@@ -136,23 +132,30 @@ impl CostModel {
     /// are forgotten.
     pub fn tick(&self, apps: &[AppInput<'_>], now: Instant) {
         let p = &self.params;
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let (state, last_tick) = &mut *guard;
+        // The previous tick (or now, for the first: then the next tick folds it all).
+        let since = last_tick.filter(|t| *t < now).unwrap_or(now);
+        *last_tick = Some(now);
         state.retain(|name, _| apps.iter().any(|a| a.name == name));
         let mut snap = HashMap::with_capacity(apps.len());
         for a in apps {
-            let st = state.entry(a.name.to_string()).or_insert_with(|| AppState {
-                series: Series::new(a.stats.counters.read(), now, p),
-                backends: HashMap::new(),
-                routes: HashMap::new(),
-            });
-            st.series.update(a.stats.counters.read(), now, p);
+            let reading = a.stats.counters.read();
+            let st = state
+                .entry(a.name.to_string())
+                .and_modify(|st| st.series.update(reading, now, p))
+                .or_insert_with(|| AppState {
+                    series: first_sight(reading, since, now, p),
+                    backends: HashMap::new(),
+                    routes: HashMap::new(),
+                });
             let backends: Vec<BackendView> = a
                 .backends
                 .iter()
                 .map(|(endpoint, healthy, c)| BackendView {
                     endpoint: endpoint.to_string(),
                     healthy: *healthy,
-                    model: fold(&mut st.backends, endpoint, c.read(), now, p),
+                    model: fold(&mut st.backends, endpoint, c.read(), since, now, p),
                 })
                 .collect();
             st.backends
@@ -164,7 +167,7 @@ impl CostModel {
                 .iter()
                 .map(|r| RouteView {
                     route: r.key.clone(),
-                    model: fold(&mut st.routes, &r.key, r.counters.read(), now, p),
+                    model: fold(&mut st.routes, &r.key, r.counters.read(), since, now, p),
                 })
                 .filter(|r| r.model.requests > 0 || r.model.in_flight > 0)
                 .collect();
@@ -257,5 +260,43 @@ mod tests {
         // The app goes away: so does its model.
         model.tick(&[], Instant::now());
         assert!(model.app("shop").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_app_first_seen_after_its_requests_still_gets_their_figures() {
+        let model = CostModel::new(ModelParams {
+            decay: Duration::from_secs(10),
+            acceptable_latency: Duration::from_millis(100),
+            fast: model::FAST,
+            slow: model::SLOW,
+        });
+        model.tick(&[], Instant::now());
+        tokio::time::advance(Duration::from_millis(250)).await;
+        // Registered and served 10 requests between two ticks.
+        let stats = AppStats::new(8);
+        for _ in 0..10 {
+            let route = stats.routes.get("GET", "/a");
+            stats.counters.begin();
+            route.counters.begin();
+            let s = Sample {
+                status: 200,
+                total: Duration::from_millis(4),
+                upstream: Some(Duration::from_millis(3)),
+                ..Sample::default()
+            };
+            stats.end(0, &route, &s);
+        }
+        let input = AppInput {
+            name: "late",
+            stats: &stats,
+            backends: Vec::new(),
+        };
+        model.tick(&[input], Instant::now());
+        let v = model.app("late").expect("snapshot");
+        assert_eq!(v.model.requests, 10);
+        assert_eq!(v.model.latency_ms, Some(4.0));
+        assert_eq!(v.model.cost_ms, Some(3.0));
+        assert_eq!(v.model.rate, 40.0);
+        assert_eq!(v.routes[0].model.latency_ms, Some(4.0));
     }
 }

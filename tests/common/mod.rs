@@ -39,6 +39,8 @@ pub struct Gateway {
     pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// Extra environment for the process (applied on the next spawn or restart).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -81,6 +83,7 @@ impl Gateway {
             config,
             child: None,
             log,
+            env: Vec::new(),
         };
         gw.spawn().await;
         gw
@@ -102,6 +105,7 @@ impl Gateway {
             .arg(&self.config)
             .env_remove("NEXTGATE_ADMIN_KEY")
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
