@@ -589,3 +589,42 @@ async fn an_unreachable_engine_is_an_error_and_a_metric_not_a_crash() {
     );
     assert!(r.headers().get("retry-after").is_some());
 }
+
+#[tokio::test]
+async fn a_missing_image_backs_off_instead_of_retrying_every_tick() {
+    let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
+    assert!(
+        ok,
+        "the Docker engine must be running for the scaler tests: {out}"
+    );
+    let app = format!("noimage{}", std::process::id());
+    let gw = Gateway::start("[health]\nkind = \"none\"\n[scaler]\ntick = \"100ms\"\n").await;
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": app, "token": TOKEN,
+            "scaling": {"driver": "docker", "image": "nextgate-no-such-image:0", "port": 8080, "max": 2}
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 201);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let errors: f64 = metrics(&gw)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("nextgate_scaler_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    // Attempts 0.5, 1, 2 s apart: a handful in 4 s, where a 100 ms tick would make 40.
+    assert!(
+        (1.0..=8.0).contains(&errors),
+        "start attempts in 4 s: {errors}"
+    );
+    assert!(containers(&app, true).is_empty());
+    assert!(
+        gw.log_text().contains("replica start failed"),
+        "{}",
+        gw.log_text()
+    );
+}

@@ -124,6 +124,9 @@ struct AppScaler {
     upstream: usize,
     last: Option<Decision>,
     cold_hits: u64,
+    /// Consecutive start failures, and no new start before this.
+    start_failures: u32,
+    start_after: Option<Instant>,
 }
 
 /// The loop.
@@ -133,6 +136,8 @@ pub struct Controller {
     settings: ScalerSettings,
     status: Arc<ScalerStatus>,
     runtime: tokio::sync::Mutex<Option<Arc<DockerRuntime>>>,
+    /// When the engine-unavailable warning was last logged (at most one per 30 s).
+    warned: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl Controller {
@@ -149,6 +154,7 @@ impl Controller {
             settings,
             status,
             runtime: tokio::sync::Mutex::new(None),
+            warned: parking_lot::Mutex::new(None),
         }
     }
 
@@ -163,7 +169,14 @@ impl Controller {
                 }
                 Err(e) => {
                     self.status.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "scaler: docker engine unavailable");
+                    let mut warned = self.warned.lock();
+                    let now = Instant::now();
+                    if warned
+                        .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30))
+                    {
+                        *warned = Some(now);
+                        tracing::warn!(error = %e, "scaler: docker engine unavailable (retrying every tick; counted in nextgate_scaler_errors_total)");
+                    }
                 }
             }
         }
@@ -305,6 +318,8 @@ impl Controller {
                 upstream: 0,
                 last: None,
                 cold_hits: 0,
+                start_failures: 0,
+                start_after: None,
             });
             let Some(spec) = app.scaling() else { continue };
             if spec.driver == Driver::Swarm {
@@ -367,7 +382,10 @@ impl Controller {
             };
             let d = self.ask(app, spec, state, replicas, now);
             let have = replicas.capacity();
-            if d.replicas > have {
+            let backing_off = state.start_after.is_some_and(|t| now < t);
+            if d.replicas > have && backing_off {
+                tracing::debug!(app = %name, failures = state.start_failures, "scaler: start backing off after failures");
+            } else if d.replicas > have {
                 self.status.ups.fetch_add(1, Ordering::Relaxed);
                 for _ in 0..d.replicas - have {
                     state.pending += 1;
@@ -577,9 +595,19 @@ impl Controller {
                 self.status.errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(st) = states.get_mut(&app) {
                     st.pending = st.pending.saturating_sub(1);
+                    // 0.5 s, 1 s, 2 s ... up to 30 s between attempts.
+                    st.start_failures = st.start_failures.saturating_add(1);
+                    let wait = Duration::from_millis(250)
+                        .saturating_mul(1 << st.start_failures.min(7))
+                        .min(Duration::from_secs(30));
+                    st.start_after = Some(Instant::now() + wait);
                 }
             }
             Event::Ready { app, id } => {
+                if let Some(st) = states.get_mut(&app) {
+                    st.start_failures = 0;
+                    st.start_after = None;
+                }
                 if let Some(k) = states.get_mut(&app).and_then(|s| s.replicas.get_mut(&id)) {
                     if k.phase == Phase::Starting {
                         k.phase = Phase::Ready;
