@@ -690,6 +690,23 @@ async fn slow_subscriber_is_dropped_while_others_get_everything_and_memory_stays
         after < before + 64 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
+    // The slow one was cut at once, not left hanging until its write timed out (30 s):
+    // what it has buffered, then the end of the stream.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the slow subscriber's connection was not closed"
+    );
     // The disconnect is counted where Prometheus sees it.
     let metrics = reqwest::Client::new()
         .get(gw.admin_url("/metrics"))
@@ -708,6 +725,12 @@ async fn slow_subscriber_is_dropped_while_others_get_everything_and_memory_stays
         metrics.contains("nextgate_hub_messages_published_total 3000\n"),
         "{metrics}"
     );
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nextgate_hub_messages_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 1, "{metrics}");
     drop(slow);
 }
 

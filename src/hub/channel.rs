@@ -56,6 +56,8 @@ pub struct Outbox {
     queued_bytes: AtomicUsize,
     max_bytes: usize,
     ended: AtomicU8,
+    /// Signalled (one permit) when the outbox overflows.
+    overflowed: Notify,
 }
 
 impl Outbox {
@@ -68,6 +70,7 @@ impl Outbox {
             queued_bytes: AtomicUsize::new(0),
             max_bytes: bytes,
             ended: AtomicU8::new(0),
+            overflowed: Notify::new(),
         });
         (outbox, rx)
     }
@@ -92,9 +95,26 @@ impl Outbox {
             Ended::Overflow => 1,
             Ended::Deleted => 2,
         };
-        let _ = self
+        let first = self
             .ended
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first && why == Ended::Overflow {
+            // A permit: the writer may be blocked in a write and not waiting yet.
+            self.overflowed.notify_one();
+        }
+    }
+
+    /// Resolves once the outbox has overflowed (never for a healthy or deleted one). A writer
+    /// blocked on a slow client races its write against this, so the connection is cut at
+    /// once instead of at the write timeout.
+    pub async fn overflow(&self) {
+        loop {
+            if self.ended() == Ended::Overflow {
+                return;
+            }
+            self.overflowed.notified().await;
+        }
     }
 
     /// Queue `msg`; false (and the outbox ends) when the subscriber is too far behind.

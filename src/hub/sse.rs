@@ -64,6 +64,21 @@ pub struct SseBody {
 }
 
 impl SseBody {
+    /// The subscriber's outbox.
+    pub fn outbox(&self) -> Arc<super::channel::Outbox> {
+        self.sub.outbox.clone()
+    }
+
+    /// Count what an overflowed subscriber did not get: the refused message and its queue.
+    fn count_dropped(&self) {
+        let lost = 1 + self.sub.rx.len() as u64;
+        self.sub
+            .hub
+            .stats
+            .dropped
+            .fetch_add(lost, Ordering::Relaxed);
+    }
+
     /// The stream for `sub`; `meta` sends meta JSON as data (always for multiplexed streams).
     pub fn new(
         mut sub: Subscription,
@@ -240,6 +255,7 @@ pub async fn serve_raw(stream: pingora_core::protocols::Stream, body: SseBody) {
     let mut out: Vec<u8> = Vec::with_capacity(HEAD.len() + 256);
     out.extend_from_slice(HEAD);
     let mut probe = [0u8; 1];
+    let outbox = body.outbox();
     loop {
         tokio::select! {
             frame = body.frame() => {
@@ -258,9 +274,18 @@ pub async fn serve_raw(stream: pingora_core::protocols::Stream, body: SseBody) {
                 let _ = write!(ChunkHead(&mut out), "{:x}\r\n", data.len());
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
-                match tokio::time::timeout(timeout, wr.write_all(&out)).await {
-                    Ok(Ok(())) => {}
-                    _ => return,
+                tokio::select! {
+                    r = tokio::time::timeout(timeout, wr.write_all(&out)) => match r {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    },
+                    // Too slow: its write is stuck and its queue full. Cut it now; it can
+                    // resume from its last id.
+                    _ = outbox.overflow() => {
+                        body.count_dropped();
+                        tracing::debug!(outbox = outbox.id(), "slow SSE subscriber cut while a write was blocked");
+                        return;
+                    }
                 }
                 out.clear();
                 if out.capacity() > 64 * 1024 {

@@ -342,8 +342,19 @@ pub async fn serve_subscriber(
                 break;
             }
         }
-        if flush(&mut wr).await.is_err() {
-            break;
+        let outbox = sub.outbox.clone();
+        tokio::select! {
+            r = flush(&mut wr) => if r.is_err() {
+                break;
+            },
+            // Too slow: its write is stuck and its queue full. Cut it now (no close frame can
+            // get through a full socket); it can resume from its last id.
+            _ = outbox.overflow() => {
+                let lost = 1 + sub.rx.len() as u64;
+                hub.stats.dropped.fetch_add(lost, Ordering::Relaxed);
+                tracing::debug!(outbox = outbox.id(), "slow WebSocket subscriber cut while a write was blocked");
+                break;
+            }
         }
     }
     reader.abort();
