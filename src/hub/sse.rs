@@ -275,6 +275,8 @@ pub async fn serve_raw(stream: pingora_core::protocols::Stream, body: SseBody) {
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
                 tokio::select! {
+                    // Biased: a write that completes at once never registers the waiter.
+                    biased;
                     r = tokio::time::timeout(timeout, wr.write_all(&out)) => match r {
                         Ok(Ok(())) => {}
                         _ => return,

@@ -272,6 +272,7 @@ pub async fn serve_subscriber(
     // Made once: a new `changed()` per pass registers and drops a waiter on every message.
     let stopping = shutdown.changed();
     tokio::pin!(stopping);
+    let outbox = sub.outbox.clone();
     loop {
         tokio::select! {
             biased;
@@ -342,8 +343,9 @@ pub async fn serve_subscriber(
                 break;
             }
         }
-        let outbox = sub.outbox.clone();
         tokio::select! {
+            // Biased: a flush that completes at once never registers the overflow waiter.
+            biased;
             r = flush(&mut wr) => if r.is_err() {
                 break;
             },
