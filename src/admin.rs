@@ -340,6 +340,7 @@ impl AdminApi {
     }
 
     async fn register(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let admin = self.is_admin(req.headers());
         let (kind, bytes) = self.read_body(req).await?;
         if kind == BodyKind::Empty {
             return Err(ApiError::field(
@@ -365,6 +366,14 @@ impl AdminApi {
                     None,
                 ),
             };
+        // A scaling spec starts containers (or resizes a Swarm service): the admin's call.
+        if scaling.is_some() && !admin {
+            return Err(ApiError::field(
+                StatusCode::FORBIDDEN,
+                "scaling",
+                "a scaling spec starts containers: send the admin key (`Authorization: Bearer KEY`)",
+            ));
+        }
         let balance = match balance.as_deref() {
             None | Some("") => None,
             Some(b) => Some(Balance::parse(b).ok_or_else(|| {

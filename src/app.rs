@@ -258,6 +258,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
+    let scaler_status = Arc::new(ScalerStatus::default());
     let proxy_cfg = ProxyConfig {
         route: RouteConfig {
             mount_prefix: settings.mount_prefix.clone(),
@@ -276,6 +277,7 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         balance_decay: settings.balance_decay,
         hold_max: settings.scaler.hold_max,
         hold_timeout: settings.scaler.hold_timeout,
+        scaler: scaler_status.clone(),
     };
     let gateway = Gateway::new(registry.clone(), proxy_cfg);
     let unrouted = gateway.unrouted();
@@ -290,7 +292,6 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
 
     let hub = Hub::new(settings.hub.clone(), registry.clone());
     let model = Arc::new(CostModel::new(settings.model.params));
-    let scaler_status = Arc::new(ScalerStatus::default());
     let metrics = Metrics::new(Sources {
         registry: registry.clone(),
         model: model.clone(),

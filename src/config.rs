@@ -285,16 +285,47 @@ impl ScalerFile {
         if !(0.0..=0.5).contains(&self.tolerance) {
             return Err(invalid("scaler.tolerance", "must be between 0 and 0.5"));
         }
+        let bounded = |key: &'static str, v: &str, min: Duration, max: Duration| {
+            let d = duration(key, v)?;
+            if d < min || d > max {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be between {} and {}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+            Ok(d)
+        };
+        let ten_min = Duration::from_secs(600);
+        let hour = Duration::from_secs(3600);
         Ok(crate::scaler::controller::ScalerSettings {
             tick,
-            grace: duration("scaler.grace", &self.grace)?,
-            ready_timeout: duration("scaler.ready_timeout", &self.ready_timeout)?,
+            grace: bounded("scaler.grace", &self.grace, Duration::ZERO, ten_min)?,
+            ready_timeout: bounded(
+                "scaler.ready_timeout",
+                &self.ready_timeout,
+                Duration::from_millis(100),
+                ten_min,
+            )?,
             hold_max: self.hold_max,
-            hold_timeout: duration("scaler.hold_timeout", &self.hold_timeout)?,
+            hold_timeout: bounded(
+                "scaler.hold_timeout",
+                &self.hold_timeout,
+                Duration::ZERO,
+                ten_min,
+            )?,
             params: crate::scaler::policy::Params {
                 tolerance: self.tolerance,
-                stabilisation: duration("scaler.stabilisation", &self.stabilisation)?,
-                down_delay: duration("scaler.down_delay", &self.down_delay)?,
+                stabilisation: bounded(
+                    "scaler.stabilisation",
+                    &self.stabilisation,
+                    Duration::ZERO,
+                    hour,
+                )?,
+                down_delay: bounded("scaler.down_delay", &self.down_delay, Duration::ZERO, hour)?,
                 ..crate::scaler::policy::Params::default()
             },
         })
@@ -343,6 +374,15 @@ pub struct ModelSettings {
     pub max_routes: usize,
 }
 
+/// A time constant: 100 ms to 1 h.
+fn decay_bounds(key: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    let d = duration(key, v)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err(invalid(key, "must be between 100ms and 1h"));
+    }
+    Ok(d)
+}
+
 impl ModelFile {
     fn validate(&self) -> Result<ModelSettings, ConfigError> {
         let tick = duration("model.tick", &self.tick)?;
@@ -362,8 +402,8 @@ impl ModelFile {
             params: crate::cost::model::ModelParams {
                 decay,
                 acceptable_latency,
-                fast: duration("model.fast_decay", &self.fast_decay)?,
-                slow: duration("model.slow_decay", &self.slow_decay)?,
+                fast: decay_bounds("model.fast_decay", &self.fast_decay)?,
+                slow: decay_bounds("model.slow_decay", &self.slow_decay)?,
             },
             max_routes: positive("model.max_routes_per_app", self.max_routes_per_app)?,
         })
@@ -1014,6 +1054,20 @@ mod tests {
             ("[hub]\nticket_ttl = \"48h\"", "hub.ticket_ttl"),
             ("[hub]\nsecret = \"short\"", "hub.secret"),
             ("[hub]\nbuffer_messages = 0", "hub.buffer_messages"),
+            ("[proxy]\nbalance = \"fastest\"", "proxy.balance"),
+            ("[proxy]\nfail_penalty = \"10ms\"", "proxy.fail_penalty"),
+            ("[model]\ntick = \"1ms\"", "model.tick"),
+            ("[model]\nfast_decay = \"0s\"", "model.fast_decay"),
+            (
+                "[model]\nmax_routes_per_app = 0",
+                "model.max_routes_per_app",
+            ),
+            (
+                "[scaler]\nhold_timeout = \"1000years\"",
+                "scaler.hold_timeout",
+            ),
+            ("[scaler]\ntolerance = 0.9", "scaler.tolerance"),
+            ("[scaler]\ngrace = \"soon\"", "scaler.grace"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text);

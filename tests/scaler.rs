@@ -219,6 +219,7 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
     .await;
     let resp = reqwest::Client::new()
         .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({
             "name": app, "token": TOKEN,
             "scaling": {"driver": "docker", "image": image, "port": 8080,
@@ -353,6 +354,7 @@ async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_
     .await;
     let resp = reqwest::Client::new()
         .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({
             "name": app, "token": TOKEN,
             "scaling": {"driver": "docker", "image": image, "port": 8080,
@@ -489,6 +491,7 @@ async fn a_swarm_service_follows_the_load() {
     .await;
     let resp = reqwest::Client::new()
         .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({
             "name": app, "token": TOKEN,
             "scaling": {"driver": "swarm", "service": service, "port": 8080,
@@ -546,8 +549,22 @@ async fn an_unreachable_engine_is_an_error_and_a_metric_not_a_crash() {
     ));
     gw.restart().await;
     gw.register("plain", &[backend.url()], TOKEN).await;
+    // Only the admin may ask for containers.
     let resp = reqwest::Client::new()
         .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({
+            "name": "sneaky", "token": "sneaky-token-0123456789",
+            "scaling": {"driver": "docker", "image": "anything:1", "port": 8080, "max": 64}
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), 403);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["field"], "scaling", "{body}");
+    let resp = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({
             "name": "scaled", "token": "another-token-0123456789",
             "scaling": {"driver": "docker", "image": "nothing:here", "port": 8080, "max": 2}
@@ -601,6 +618,7 @@ async fn a_missing_image_backs_off_instead_of_retrying_every_tick() {
     let gw = Gateway::start("[health]\nkind = \"none\"\n[scaler]\ntick = \"100ms\"\n").await;
     let resp = reqwest::Client::new()
         .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({
             "name": app, "token": TOKEN,
             "scaling": {"driver": "docker", "image": "nextgate-no-such-image:0", "port": 8080, "max": 2}

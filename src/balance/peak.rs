@@ -10,9 +10,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Milliseconds from `then` to `now` on the wrapping clock; 0 when `then` is (just) after
+/// `now`, as when another thread stored a newer stamp between our clock read and our load.
+fn elapsed(then: u32, now: u32) -> f64 {
+    f64::from((now.wrapping_sub(then) as i32).max(0))
+}
+
 /// Pure decay step: the estimate `value` (ms) updated at `then` (ms), seen at `now`.
 pub fn decayed(value: f64, then: u32, now: u32, decay: Duration) -> f64 {
-    let dt = f64::from(now.wrapping_sub(then)) / 1000.0;
+    let dt = elapsed(then, now) / 1000.0;
     value * (-dt / decay.as_secs_f64().max(1e-9)).exp()
 }
 
@@ -21,7 +27,7 @@ pub fn observe(value: f64, then: u32, now: u32, rtt_ms: f64, decay: Duration) ->
     if then == 0 || rtt_ms >= value {
         return rtt_ms;
     }
-    let dt = f64::from(now.wrapping_sub(then)) / 1000.0;
+    let dt = elapsed(then, now) / 1000.0;
     let keep = (-dt / decay.as_secs_f64().max(1e-9)).exp();
     value * keep + rtt_ms * (1.0 - keep)
 }
@@ -92,6 +98,14 @@ mod tests {
         // Without samples it keeps decaying: 20 s more is e^-2.
         let later = p.get(31_000, D).unwrap_or(0.0);
         assert!((later - v * (-2f64).exp()).abs() < 1e-3, "{later}");
+    }
+
+    #[test]
+    fn a_stamp_from_just_after_now_does_not_decay_to_nothing() {
+        let p = PeakLatency::default();
+        p.observe(300.0, 5001, D);
+        // Read with a `now` taken a millisecond before that store.
+        assert_eq!(p.get(5000, D), Some(300.0));
     }
 
     #[test]

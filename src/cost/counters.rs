@@ -221,8 +221,15 @@ impl Routes {
     /// The stats of `method path`'s key, added if there is room.
     pub fn get(&self, method: &str, path: &str) -> Arc<RouteStats> {
         let h = route_key::hash(method, path);
-        if let Some(s) = self.map.load().get(&h) {
-            return s.clone();
+        {
+            let map = self.map.load();
+            if let Some(s) = map.get(&h) {
+                return s.clone();
+            }
+            // Full: new kinds go to `other` without taking the lock.
+            if map.len() >= self.max {
+                return self.other.clone();
+            }
         }
         let _g = self.write.lock();
         let current = self.map.load_full();

@@ -66,6 +66,8 @@ pub struct ProxyConfig {
     pub hold_max: usize,
     /// Longest a request is held.
     pub hold_timeout: Duration,
+    /// The scaler's status, whose `wake` a held request rings.
+    pub scaler: Arc<crate::scaler::controller::ScalerStatus>,
     /// Time constant of the balancer's latency estimate.
     pub balance_decay: Duration,
 }
@@ -158,6 +160,25 @@ impl Gateway {
         self.unrouted.clone()
     }
 
+    /// The current attempt failed: it counts on its backend as a failure, charged the penalty
+    /// latency, and ends there (a retry starts a new attempt).
+    fn charge_failed_attempt(&self, ctx: &mut RequestCtx) {
+        if let Some(a) = ctx.attempt.take() {
+            let sample = Sample {
+                failed: true,
+                total: a.started.elapsed(),
+                upstream: Some(a.started.elapsed()),
+                ..Sample::default()
+            };
+            a.info.counters.finish(&sample);
+            a.info.peak.observe(
+                self.cfg.fail_penalty.as_secs_f64() * 1000.0,
+                crate::balance::clock_ms(),
+                self.cfg.balance_decay,
+            );
+        }
+    }
+
     /// Close a request's timing: app, route key and backend counters, and the balancer's
     /// latency estimate.
     fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -171,9 +192,8 @@ impl Gateway {
             .map_or(0, |r| r.status.as_u16());
         let stats = &app.upstream.stats;
         if ctx.long_lived {
-            // A stream's duration is not a request's latency: count it, keep it out of the maths.
-            stats.counters.abandon();
-            counted.route.counters.abandon();
+            // A stream's duration is not a request's latency: count it, keep it out of the maths
+            // (it was never counted in flight either).
             stats.count_status(counted.method, status);
             return;
         }
@@ -337,8 +357,12 @@ impl ProxyHttp for Gateway {
         let app_path = upstream_path.as_deref().unwrap_or(path);
         let stats = &app.upstream.stats;
         let route = stats.routes.get(method, app_path);
-        stats.counters.begin();
-        route.counters.begin();
+        // Streams (WebSocket, SSE) are counted by status only: an open stream is not a request
+        // in flight for the model or the scaler.
+        if !long_lived {
+            stats.counters.begin();
+            route.counters.begin();
+        }
         ctx.counted = Some(Counted {
             route,
             method: cost::method_index(method),
@@ -383,6 +407,8 @@ impl ProxyHttp for Gateway {
             if app.scaling().is_some() {
                 let held = &app.upstream.held;
                 if held.fetch_add(1, Ordering::AcqRel) < self.cfg.hold_max {
+                    // Cold start: the scaler decides now, not at its next tick.
+                    self.cfg.scaler.wake.notify_one();
                     chosen = app
                         .upstream
                         .select_when_ready(
@@ -487,22 +513,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // The failed attempt counts on its backend, charged the penalty latency.
-        if let Some(a) = ctx.attempt.take() {
-            a.info.mark_failed();
-            let sample = Sample {
-                failed: true,
-                total: a.started.elapsed(),
-                upstream: Some(a.started.elapsed()),
-                ..Sample::default()
-            };
-            a.info.counters.finish(&sample);
-            a.info.peak.observe(
-                self.cfg.fail_penalty.as_secs_f64() * 1000.0,
-                crate::balance::clock_ms(),
-                self.cfg.balance_decay,
-            );
+        if let Some(b) = ctx.attempt.as_ref() {
+            b.info.mark_failed();
         }
+        self.charge_failed_attempt(ctx);
         // Nothing reached the backend: safe to try another one for any method.
         e.set_retry(self.may_retry(ctx));
         e
@@ -517,6 +531,11 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // The backend failed after connecting (reset, timeout): it is charged whether or not
+        // the request is replayed elsewhere. A client that went away is not its fault.
+        if e.esource() == &ErrorSource::Upstream {
+            self.charge_failed_attempt(ctx);
+        }
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated();
         if !replayable {

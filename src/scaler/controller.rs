@@ -62,9 +62,11 @@ pub struct AppStatus {
     pub reason: &'static str,
 }
 
-/// Counters and per-app state for metrics.
-#[derive(Default)]
+/// Counters and per-app state for metrics, and the loop's wake-up call.
+#[derive(Default, Debug)]
 pub struct ScalerStatus {
+    /// Wakes the loop before its tick: a request held for an app with no replica.
+    pub wake: tokio::sync::Notify,
     /// Per app.
     pub apps: ArcSwap<HashMap<String, AppStatus>>,
     /// Decisions that raised the replica count.
@@ -94,6 +96,8 @@ struct Known {
     phase: Phase,
     /// The drain-and-remove task was started.
     removing: bool,
+    /// Its backend's counters, taken when it leaves the backends, to drain on.
+    info: Option<Arc<crate::upstream::BackendInfo>>,
 }
 
 impl Known {
@@ -102,8 +106,28 @@ impl Known {
             addr,
             phase: Phase::Starting,
             removing: false,
+            info: None,
         }
     }
+}
+
+/// The backend counters of the app's backend at `addr`, if it is in the set.
+fn backend_info(app: &App, addr: SocketAddr) -> Option<Arc<crate::upstream::BackendInfo>> {
+    app.upstream.backends().iter().find_map(|b| {
+        (b.addr.as_inet() == Some(&addr))
+            .then(|| crate::upstream::info(b).cloned())
+            .flatten()
+    })
+}
+
+/// A start that did not give a serving replica: back off before the next one (0.5 s,
+/// doubling, up to 30 s).
+fn start_failed(st: &mut AppScaler) {
+    st.start_failures = st.start_failures.saturating_add(1);
+    let wait = Duration::from_millis(250)
+        .saturating_mul(1 << st.start_failures.min(7))
+        .min(Duration::from_secs(30));
+    st.start_after = Some(Instant::now() + wait);
 }
 
 /// What the spawned tasks report back.
@@ -113,6 +137,7 @@ enum Event {
     Ready { app: String, id: String },
     NotReady { app: String, id: String },
     Removed { app: String, id: String },
+    RemoveFailed { app: String, id: String },
 }
 
 struct AppScaler {
@@ -123,7 +148,6 @@ struct AppScaler {
     managed: Vec<Target>,
     upstream: usize,
     last: Option<Decision>,
-    cold_hits: u64,
     /// Consecutive start failures, and no new start before this.
     start_failures: u32,
     start_after: Option<Instant>,
@@ -183,6 +207,16 @@ impl Controller {
         slot.clone()
     }
 
+    /// Remove a container nothing tracks (started for an app that went away, or unusable).
+    fn remove_orphan(&self, id: String) {
+        let slot = self.runtime.try_lock().ok().and_then(|r| r.clone());
+        if let Some(rt) = slot {
+            tokio::spawn(async move {
+                let _ = ContainerRuntime::remove(&*rt, &id, Duration::ZERO).await;
+            });
+        }
+    }
+
     fn spawn_start(
         &self,
         rt: Arc<dyn ContainerRuntime>,
@@ -233,29 +267,33 @@ impl Controller {
     fn spawn_drain(
         &self,
         rt: Arc<dyn ContainerRuntime>,
-        app: &Arc<App>,
+        app: &str,
         id: &str,
-        addr: Option<SocketAddr>,
+        info: Option<Arc<crate::upstream::BackendInfo>>,
         tx: &mpsc::UnboundedSender<Event>,
     ) {
-        let (name, id, tx) = (app.name().to_string(), id.to_string(), tx.clone());
-        let app = app.clone();
+        let (name, id, tx) = (app.to_string(), id.to_string(), tx.clone());
         let grace = self.settings.grace;
         tokio::spawn(async move {
-            // Out of the backends already: wait for what it is serving to finish.
+            // Out of the backends already; requests that chose it still count on its
+            // counters until they finish.
             let deadline = Instant::now() + grace;
-            while let Some(n) = addr.and_then(|a| in_flight(&app, a)) {
-                if n <= 0 || Instant::now() >= deadline {
+            while let Some(i) = &info {
+                if i.counters.in_flight.load(Ordering::Relaxed) <= 0 || Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if let Err(e) = rt.remove(&id, grace).await {
-                tracing::warn!(app = %name, id = %short(&id), error = %e, "replica removal failed");
-            } else {
-                tracing::info!(app = %name, id = %short(&id), "replica drained and removed");
+            match rt.remove(&id, grace).await {
+                Ok(()) => {
+                    tracing::info!(app = %name, id = %short(&id), "replica drained and removed");
+                    let _ = tx.send(Event::Removed { app: name, id });
+                }
+                Err(e) => {
+                    tracing::warn!(app = %name, id = %short(&id), error = %e, "replica removal failed; retrying");
+                    let _ = tx.send(Event::RemoveFailed { app: name, id });
+                }
             }
-            let _ = tx.send(Event::Removed { app: name, id });
         });
     }
 
@@ -290,9 +328,10 @@ impl Controller {
         let services: Arc<dyn ServiceRuntime> = docker;
         // Apps deregistered (or no longer scaled): their replicas go too.
         for name in gone {
-            states.remove(&name);
+            // The state goes only once the listing worked: until then, retried every pass.
             match rt.list(&name).await {
                 Ok(list) => {
+                    states.remove(&name);
                     tracing::info!(app = %name, replicas = list.len(), "app no longer scaled: removing its replicas");
                     for r in list {
                         let (rt, grace) = (rt.clone(), self.settings.grace);
@@ -317,7 +356,6 @@ impl Controller {
                 managed: Vec::new(),
                 upstream: 0,
                 last: None,
-                cold_hits: 0,
                 start_failures: 0,
                 start_after: None,
             });
@@ -345,7 +383,14 @@ impl Controller {
                 }
             }
             for id in gone {
-                state.replicas.remove(&id);
+                if state
+                    .replicas
+                    .remove(&id)
+                    .is_some_and(|k| k.phase == Phase::Starting)
+                {
+                    // It died before serving (a crashing image): back off like a failed start.
+                    start_failed(state);
+                }
                 self.status.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(app = %name, id = %short(&id), "replica died or was removed outside the gateway");
                 let rt = rt.clone();
@@ -422,6 +467,8 @@ impl Controller {
                 for id in victims {
                     if let Some(k) = state.replicas.get_mut(&id) {
                         k.phase = Phase::Draining;
+                        // Before it leaves the set: the drain watches its counters.
+                        k.info = k.addr.and_then(|a| backend_info(app, a));
                     }
                 }
             }
@@ -430,7 +477,7 @@ impl Controller {
             for (id, k) in state.replicas.iter_mut() {
                 if k.phase == Phase::Draining && !k.removing {
                     k.removing = true;
-                    self.spawn_drain(rt.clone(), app, id, k.addr, tx);
+                    self.spawn_drain(rt.clone(), &name, id, k.info.clone(), tx);
                 }
             }
         }
@@ -526,9 +573,8 @@ impl Controller {
     ) -> Decision {
         let name = app.name();
         let view = self.model.app(name);
-        let cold = app.upstream.stats.cold_hits.load(Ordering::Relaxed);
-        let waiting = u32::try_from(cold.saturating_sub(state.cold_hits)).unwrap_or(u32::MAX);
-        state.cold_hits = cold;
+        // Requests held now for want of a replica (not a count since start).
+        let waiting = u32::try_from(app.upstream.held.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
         let signals = view.as_ref().map_or(
             Signals {
                 waiting,
@@ -573,21 +619,25 @@ impl Controller {
         match ev {
             Event::Started { app, replica } => {
                 self.status.started.fetch_add(1, Ordering::Relaxed);
-                let path = self
-                    .registry
-                    .get(&app)
+                let scaled = self.registry.get(&app).filter(|a| a.scaling().is_some());
+                let path = scaled
+                    .as_ref()
                     .and_then(|a| a.scaling().and_then(|s| s.ready_path.clone()));
-                let mut probe = replica.addr;
-                if let Some(st) = states.get_mut(&app) {
-                    st.pending = st.pending.saturating_sub(1);
-                    if st.replicas.contains_key(&replica.id) {
-                        probe = None; // adopted meanwhile, already probed
-                    } else {
-                        st.replicas
-                            .insert(replica.id.clone(), Known::starting(replica.addr));
-                    }
-                }
-                if let Some(addr) = probe {
+                let Some(st) = states.get_mut(&app).filter(|_| scaled.is_some()) else {
+                    // The app went away (or stopped scaling) while this replica started.
+                    self.remove_orphan(replica.id);
+                    return;
+                };
+                st.pending = st.pending.saturating_sub(1);
+                let Some(addr) = replica.addr else {
+                    tracing::warn!(app = %app, id = %short(&replica.id), "replica has no published port; removing it");
+                    start_failed(st);
+                    self.remove_orphan(replica.id);
+                    return;
+                };
+                if !st.replicas.contains_key(&replica.id) {
+                    st.replicas
+                        .insert(replica.id.clone(), Known::starting(Some(addr)));
                     self.spawn_probe(&app, &replica.id, addr, path, tx);
                 }
             }
@@ -595,12 +645,7 @@ impl Controller {
                 self.status.errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(st) = states.get_mut(&app) {
                     st.pending = st.pending.saturating_sub(1);
-                    // 0.5 s, 1 s, 2 s ... up to 30 s between attempts.
-                    st.start_failures = st.start_failures.saturating_add(1);
-                    let wait = Duration::from_millis(250)
-                        .saturating_mul(1 << st.start_failures.min(7))
-                        .min(Duration::from_secs(30));
-                    st.start_after = Some(Instant::now() + wait);
+                    start_failed(st);
                 }
             }
             Event::Ready { app, id } => {
@@ -617,15 +662,33 @@ impl Controller {
             }
             Event::NotReady { app, id } => {
                 self.status.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(app = %app, id = %short(&id), "replica never became ready; removing it");
-                if let Some(k) = states.get_mut(&app).and_then(|s| s.replicas.get_mut(&id)) {
-                    k.phase = Phase::Draining;
+                let swarm = self
+                    .registry
+                    .get(&app)
+                    .and_then(|a| a.scaling().map(|s| s.driver == Driver::Swarm))
+                    .unwrap_or(false);
+                if let Some(st) = states.get_mut(&app) {
+                    start_failed(st);
+                    if swarm {
+                        // Swarm owns the task: forget it, so the next pass probes it again.
+                        st.replicas.remove(&id);
+                    } else if let Some(k) = st.replicas.get_mut(&id) {
+                        tracing::warn!(app = %app, id = %short(&id), "replica never became ready; removing it");
+                        k.phase = Phase::Draining;
+                    }
                 }
             }
             Event::Removed { app, id } => {
                 self.status.removed.fetch_add(1, Ordering::Relaxed);
                 if let Some(st) = states.get_mut(&app) {
                     st.replicas.remove(&id);
+                }
+            }
+            Event::RemoveFailed { app, id } => {
+                self.status.errors.fetch_add(1, Ordering::Relaxed);
+                // Still draining: the next pass tries the removal again.
+                if let Some(k) = states.get_mut(&app).and_then(|s| s.replicas.get_mut(&id)) {
+                    k.removing = false;
                 }
             }
         }
@@ -704,11 +767,31 @@ impl BackgroundService for Controller {
         let mut states = HashMap::new();
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Passes at least this far apart, however often something wakes the loop.
+        const MIN_GAP: Duration = Duration::from_millis(50);
+        let mut last = Instant::now();
         loop {
-            tokio::select! {
-                _ = tick.tick() => self.pass(&mut states, &tx, &mut rx).await,
+            let early = tokio::select! {
+                _ = tick.tick() => false,
+                // A held request, or a task reporting (a replica ready, removed...): act now
+                // rather than at the next tick.
+                _ = self.status.wake.notified() => true,
+                ev = rx.recv() => {
+                    if let Some(ev) = ev {
+                        self.apply(&mut states, ev, &tx);
+                    }
+                    true
+                }
                 _ = shutdown.changed() => return,
+            };
+            if early {
+                let gap = Instant::now().saturating_duration_since(last);
+                if gap < MIN_GAP {
+                    tokio::time::sleep(MIN_GAP - gap).await;
+                }
             }
+            self.pass(&mut states, &tx, &mut rx).await;
+            last = Instant::now();
         }
     }
 }
