@@ -96,6 +96,17 @@ fn build_image(tag: &str) {
     assert!(ok, "docker build: {out}");
 }
 
+/// Register `app` with a scaling spec (with the admin key, as a spec needs); the response.
+async fn register_scaled(gw: &Gateway, app: &str, scaling: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"name": app, "token": TOKEN, "scaling": scaling}))
+        .send()
+        .await
+        .expect("register")
+}
+
 async fn metrics(gw: &Gateway) -> String {
     reqwest::Client::new()
         .get(gw.admin_url("/metrics"))
@@ -217,17 +228,13 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
          [scaler]\ntick = \"500ms\"\ngrace = \"2s\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
     )
     .await;
-    let resp = reqwest::Client::new()
-        .post(gw.admin_url("/v3/events/processes/register"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({
-            "name": app, "token": TOKEN,
-            "scaling": {"driver": "docker", "image": image, "port": 8080,
-                        "min": 1, "max": 4, "target_concurrency": 2}
-        }))
-        .send()
-        .await
-        .expect("register");
+    let resp = register_scaled(
+        &gw,
+        &app,
+        serde_json::json!({"driver": "docker", "image": image, "port": 8080,
+                        "min": 1, "max": 4, "target_concurrency": 2}),
+    )
+    .await;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(status, 201, "{body}");
@@ -352,17 +359,13 @@ async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_
          hold_max = 2\nhold_timeout = \"20s\"\n",
     )
     .await;
-    let resp = reqwest::Client::new()
-        .post(gw.admin_url("/v3/events/processes/register"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({
-            "name": app, "token": TOKEN,
-            "scaling": {"driver": "docker", "image": image, "port": 8080,
-                        "min": 0, "max": 2, "idle_to_zero": "2s"}
-        }))
-        .send()
-        .await
-        .expect("register");
+    let resp = register_scaled(
+        &gw,
+        &app,
+        serde_json::json!({"driver": "docker", "image": image, "port": 8080,
+                        "min": 0, "max": 2, "idle_to_zero": "2s"}),
+    )
+    .await;
     assert_eq!(resp.status(), 201);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -489,17 +492,13 @@ async fn a_swarm_service_follows_the_load() {
          [scaler]\ntick = \"500ms\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
     )
     .await;
-    let resp = reqwest::Client::new()
-        .post(gw.admin_url("/v3/events/processes/register"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({
-            "name": app, "token": TOKEN,
-            "scaling": {"driver": "swarm", "service": service, "port": 8080,
-                        "min": 1, "max": 3, "target_concurrency": 2}
-        }))
-        .send()
-        .await
-        .expect("register");
+    let resp = register_scaled(
+        &gw,
+        &app,
+        serde_json::json!({"driver": "swarm", "service": service, "port": 8080,
+                        "min": 1, "max": 3, "target_concurrency": 2}),
+    )
+    .await;
     assert_eq!(resp.status(), 201);
     let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
     assert_eq!(
@@ -562,16 +561,12 @@ async fn an_unreachable_engine_is_an_error_and_a_metric_not_a_crash() {
     assert_eq!(resp.status(), 403);
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["field"], "scaling", "{body}");
-    let resp = reqwest::Client::new()
-        .post(gw.admin_url("/v3/events/processes/register"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({
-            "name": "scaled", "token": "another-token-0123456789",
-            "scaling": {"driver": "docker", "image": "nothing:here", "port": 8080, "max": 2}
-        }))
-        .send()
-        .await
-        .expect("register");
+    let resp = register_scaled(
+        &gw,
+        "scaled",
+        serde_json::json!({"driver": "docker", "image": "nothing:here", "port": 8080, "max": 2}),
+    )
+    .await;
     assert_eq!(resp.status(), 201);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut errors = 0.0;
@@ -616,16 +611,7 @@ async fn a_missing_image_backs_off_instead_of_retrying_every_tick() {
     );
     let app = format!("noimage{}", std::process::id());
     let gw = Gateway::start("[health]\nkind = \"none\"\n[scaler]\ntick = \"100ms\"\n").await;
-    let resp = reqwest::Client::new()
-        .post(gw.admin_url("/v3/events/processes/register"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({
-            "name": app, "token": TOKEN,
-            "scaling": {"driver": "docker", "image": "nextgate-no-such-image:0", "port": 8080, "max": 2}
-        }))
-        .send()
-        .await
-        .expect("register");
+    let resp = register_scaled(&gw, &app, serde_json::json!({"driver": "docker", "image": "nextgate-no-such-image:0", "port": 8080, "max": 2})).await;
     assert_eq!(resp.status(), 201);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let errors: f64 = metrics(&gw)

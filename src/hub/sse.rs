@@ -190,12 +190,7 @@ impl Body for SseBody {
         }
         if this.sub.outbox.ended() == Ended::Overflow {
             this.done = true;
-            let lost = 1 + this.sub.rx.len() as u64;
-            this.sub
-                .hub
-                .stats
-                .dropped
-                .fetch_add(lost, Ordering::Relaxed);
+            this.count_dropped();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(OVERFLOW_COMMENT)))));
         }
         let mut out = BytesMut::new();

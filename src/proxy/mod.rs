@@ -223,7 +223,11 @@ impl Gateway {
         stats.end(counted.method, &counted.route, &sample);
         if let Some(a) = &attempt {
             a.info.counters.finish(&sample);
-            let mut ms = sample.upstream.unwrap_or_default().as_secs_f64() * 1000.0;
+            // The balancer's latency starts once the connection is ready: a new connection's
+            // setup says nothing about how fast the backend serves, and counting it would
+            // favour backends that happen to have pooled connections.
+            let from = a.connected.unwrap_or(a.started);
+            let mut ms = now.saturating_duration_since(from).as_secs_f64() * 1000.0;
             if failed {
                 ms = ms.max(self.cfg.fail_penalty.as_secs_f64() * 1000.0);
             }

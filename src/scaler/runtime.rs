@@ -75,6 +75,25 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// Containers (running or not) matching one filter.
+    async fn containers(
+        &self,
+        key: &str,
+        value: String,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([(key, vec![value])]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(engine)
+    }
+}
+
 fn published(c: &bollard::models::ContainerSummary, port: Option<u16>) -> Option<SocketAddr> {
     c.ports.as_ref()?.iter().find_map(|p| {
         let public = p.public_port?;
@@ -88,17 +107,9 @@ fn published(c: &bollard::models::ContainerSummary, port: Option<u16>) -> Option
 #[async_trait]
 impl ContainerRuntime for DockerRuntime {
     async fn list(&self, app: &str) -> Result<Vec<Replica>, RuntimeError> {
-        let filters: HashMap<&str, Vec<String>> =
-            HashMap::from([("label", vec![format!("{APP_LABEL}={app}")])]);
-        let opts = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
         let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(engine)?;
+            .containers("label", format!("{APP_LABEL}={app}"))
+            .await?;
         Ok(list
             .iter()
             .filter_map(|c| {
@@ -146,16 +157,7 @@ impl ContainerRuntime for DockerRuntime {
             let _ = self.remove(&created.id, Duration::ZERO).await;
             return Err(engine(e));
         }
-        let filters: HashMap<&str, Vec<String>> = HashMap::from([("id", vec![created.id.clone()])]);
-        let opts = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(engine)?;
+        let list = self.containers("id", created.id.clone()).await?;
         let addr = list.first().and_then(|c| published(c, Some(spec.port)));
         Ok(Replica {
             id: created.id,
