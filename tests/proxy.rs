@@ -252,14 +252,23 @@ async fn load_spreads_over_three_backends() {
     gw.register("p2c", &endpoints, TOKEN).await;
     let c = Client::new();
     let mut seen = Vec::new();
+    // 300 requests per app, from 4 clients at once (75 each).
     for app in ["rr", "p2c"] {
-        for _ in 0..300 {
-            let r = c
-                .get(gw.proxy_url(&format!("/v3/{app}/id")))
-                .send()
-                .await
-                .expect("request");
-            assert_eq!(r.status(), 200);
+        let url = gw.proxy_url(&format!("/v3/{app}/id"));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, url) = (c.clone(), url.clone());
+                tokio::spawn(async move {
+                    for _ in 0..75 {
+                        let r = c.get(&url).send().await.expect("request");
+                        assert_eq!(r.status(), 200);
+                        r.bytes().await.expect("body");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.expect("worker");
         }
         seen.push(
             bs.iter()
@@ -275,9 +284,9 @@ async fn load_spreads_over_three_backends() {
             "round robin: {} got {rr} of 300",
             b.id
         );
-        // One request at a time: peak EWMA sends each to the lower of two estimates, so the
-        // split follows noise; every backend still gets traffic.
-        assert!(p2c >= 10, "peak ewma: {} got {p2c} of 300 ({seen:?})", b.id);
+        // Peak EWMA weighs each estimate by its requests in flight, so equal backends share
+        // the load; the split follows latency noise, so only a floor is asserted.
+        assert!(p2c >= 30, "peak ewma: {} got {p2c} of 300 ({seen:?})", b.id);
     }
 }
 
