@@ -4,8 +4,12 @@
 //! The word holds the estimate in milliseconds as an `f32` (high half) and the time of the last
 //! update in milliseconds since the gateway's clock origin (low half, 0 = never sampled; it
 //! wraps after 49 days, which only makes one decay step wrong). A sample above the estimate
-//! replaces it; a lower one decays it with the time constant. Between samples the estimate
-//! decays towards zero, so a backend that was slow once gets tried again after a while.
+//! replaces it; a lower one pulls it down with the weight of the time since the last sample
+//! under the time constant, and at least [`MIN_WEIGHT`]: on a busy backend, samples a
+//! millisecond apart would otherwise leave one hiccup in the estimate for the whole time
+//! constant (measured in `tests/balance.rs`: a 5 ms backend with a single 50 ms answer looked
+//! slower than a 100 ms one for seconds). Between samples the estimate decays towards zero, so
+//! a backend that was slow once gets tried again after a while.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,13 +26,18 @@ pub fn decayed(value: f64, then: u32, now: u32, decay: Duration) -> f64 {
     value * (-dt / decay.as_secs_f64().max(1e-9)).exp()
 }
 
+/// Least weight of one lower sample: 32 fast answers take a spike down by e^-1.
+pub const MIN_WEIGHT: f64 = 1.0 / 32.0;
+
 /// Pure update step: a sample of `rtt_ms` at `now` against `value` updated at `then`.
 pub fn observe(value: f64, then: u32, now: u32, rtt_ms: f64, decay: Duration) -> f64 {
     if then == 0 || rtt_ms >= value {
         return rtt_ms;
     }
     let dt = elapsed(then, now) / 1000.0;
-    let keep = (-dt / decay.as_secs_f64().max(1e-9)).exp();
+    let keep = (-dt / decay.as_secs_f64().max(1e-9))
+        .exp()
+        .min(1.0 - MIN_WEIGHT);
     value * keep + rtt_ms * (1.0 - keep)
 }
 
@@ -109,11 +118,18 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_sample_right_after_a_peak_barely_moves_it() {
+    fn one_fast_sample_moves_a_peak_by_the_least_weight_and_many_bring_it_down() {
         let p = PeakLatency::default();
         p.observe(1000.0, 1000, D); // a penalty
         p.observe(1.0, 1001, D); // 1 ms later, a fast answer
         let v = p.get(1001, D).unwrap_or(0.0);
-        assert!(v > 999.0, "{v}");
+        // 1000 x 31/32 + 1 x 1/32 = 968.78
+        assert!((v - 968.781).abs() < 0.01, "{v}");
+        for i in 2..=96u32 {
+            p.observe(1.0, 1000 + i, D);
+        }
+        // 95 more: (31/32)^96 x 999 + 1 = 48.41
+        let v = p.get(1096, D).unwrap_or(0.0);
+        assert!((v - 48.41).abs() < 0.1, "{v}");
     }
 }
