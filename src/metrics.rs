@@ -359,6 +359,11 @@ impl Families {
     }
 }
 
+/// A counter's value for a sample.
+fn value(a: &AtomicU64) -> f64 {
+    a.load(Ordering::Relaxed) as f64
+}
+
 fn secs(ms: Option<f64>) -> f64 {
     ms.unwrap_or(0.0) / 1000.0
 }
@@ -398,17 +403,16 @@ impl Collector for GatewayCollector {
             f.histogram("nextgate_upstream_duration_seconds", &[name], &s.upstream);
             let r = s.counters.read();
             f.gauge("nextgate_requests_in_flight", &[name], r.in_flight as f64);
-            let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-            f.counter("nextgate_request_retries_total", &[name], load(&s.retries));
+            f.counter("nextgate_request_retries_total", &[name], value(&s.retries));
             f.counter(
                 "nextgate_request_body_bytes_total",
                 &[name],
-                load(&s.bytes_in),
+                value(&s.bytes_in),
             );
             f.counter(
                 "nextgate_response_body_bytes_total",
                 &[name],
-                load(&s.bytes_out),
+                value(&s.bytes_out),
             );
             for route in s.routes.all() {
                 let n = route.counters.requests.load(Ordering::Relaxed);
@@ -493,32 +497,30 @@ impl Collector for GatewayCollector {
                 f.gauge("nextgate_scaler_replicas", &[app, state], f64::from(n));
             }
         }
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-        f.counter("nextgate_scaler_decisions_total", &["up"], load(&sc.ups));
+        f.counter("nextgate_scaler_decisions_total", &["up"], value(&sc.ups));
         f.counter(
             "nextgate_scaler_decisions_total",
             &["down"],
-            load(&sc.downs),
+            value(&sc.downs),
         );
         f.counter(
             "nextgate_scaler_replica_events_total",
             &["started"],
-            load(&sc.started),
+            value(&sc.started),
         );
         f.counter(
             "nextgate_scaler_replica_events_total",
             &["removed"],
-            load(&sc.removed),
+            value(&sc.removed),
         );
         f.counter(
             "nextgate_scaler_replica_events_total",
             &["lost"],
-            load(&sc.lost),
+            value(&sc.lost),
         );
-        f.counter("nextgate_scaler_errors_total", &[], load(&sc.errors));
+        f.counter("nextgate_scaler_errors_total", &[], value(&sc.errors));
         let hub = &self.src.hub;
         let st = &hub.stats;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         f.gauge("nextgate_hub_channels", &[], hub.channel_count() as f64);
         f.gauge(
             "nextgate_hub_subscribers",
@@ -528,42 +530,42 @@ impl Collector for GatewayCollector {
         f.counter(
             "nextgate_hub_messages_published_total",
             &[],
-            load(&st.published),
+            value(&st.published),
         );
         f.counter(
             "nextgate_hub_messages_delivered_total",
             &[],
-            load(&st.delivered),
+            value(&st.delivered),
         );
         f.counter(
             "nextgate_hub_subscriptions_total",
             &[],
-            load(&st.subscribed),
+            value(&st.subscribed),
         );
         f.counter(
             "nextgate_hub_messages_dropped_total",
             &[],
-            load(&st.dropped),
+            value(&st.dropped),
         );
         f.counter(
             "nextgate_hub_slow_subscriber_disconnects_total",
             &[],
-            load(&st.slow_disconnects),
+            value(&st.slow_disconnects),
         );
         f.counter(
             "nextgate_hub_webhook_deliveries_total",
             &[],
-            load(&st.webhook_delivered),
+            value(&st.webhook_delivered),
         );
         f.counter(
             "nextgate_hub_webhook_failures_total",
             &[],
-            load(&st.webhook_failures),
+            value(&st.webhook_failures),
         );
         f.counter(
             "nextgate_hub_webhook_dropped_total",
             &[],
-            load(&st.webhook_lost),
+            value(&st.webhook_lost),
         );
         f.into_vec()
     }

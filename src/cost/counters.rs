@@ -278,8 +278,6 @@ pub struct AppStats {
     pub bytes_out: AtomicU64,
     /// Retries (attempts beyond the first).
     pub retries: AtomicU64,
-    /// Requests that found no backend to send to (the scaler's cold-start signal).
-    pub cold_hits: AtomicU64,
     /// Route keys.
     pub routes: Routes,
 }
@@ -297,7 +295,6 @@ impl AppStats {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            cold_hits: AtomicU64::new(0),
             routes: Routes::new(max_routes),
         }
     }

@@ -136,16 +136,6 @@ impl Rate {
     }
 }
 
-/// Encode an `f64` for an `AtomicU64`.
-pub fn to_bits(v: f64) -> u64 {
-    v.to_bits()
-}
-
-/// Decode an `f64` stored by [`to_bits`].
-pub fn from_bits(b: u64) -> f64 {
-    f64::from_bits(b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

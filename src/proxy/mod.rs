@@ -72,6 +72,23 @@ pub struct ProxyConfig {
     pub balance_decay: Duration,
 }
 
+/// A request held for a replica: counted in the upstream's `held` until dropped, so a request
+/// whose future is dropped mid-wait (a client gone, a shutdown) is not left counted.
+struct Held<'a>(usize, &'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Held<'a> {
+    /// Enter; `.0` is this request's place in the count (1 = the first held).
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        Self(count.fetch_add(1, Ordering::AcqRel) + 1, count)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One attempt on one backend: counted in flight on it until dropped.
 pub struct Attempt {
     /// The backend.
@@ -405,12 +422,11 @@ impl ProxyHttp for Gateway {
         let key = session.req_header().uri.path().as_bytes();
         let mut chosen = app.upstream.select(key, &ctx.tried, self.cfg.fail_cooldown);
         if chosen.is_none() && ctx.tried.is_empty() {
-            // The scaler's cold-start signal; a scaled app gets its request held until a
-            // replica is ready (bounded in count and time).
-            app.upstream.stats.cold_hits.fetch_add(1, Ordering::Relaxed);
+            // A scaled app gets its request held until a replica is ready (bounded in count
+            // and time); the held count is the scaler's cold-start signal.
             if app.scaling().is_some() {
-                let held = &app.upstream.held;
-                if held.fetch_add(1, Ordering::AcqRel) < self.cfg.hold_max {
+                let held = Held::enter(&app.upstream.held);
+                if held.0 <= self.cfg.hold_max {
                     // Cold start: the scaler decides now, not at its next tick.
                     self.cfg.scaler.wake.notify_one();
                     chosen = app
@@ -423,7 +439,7 @@ impl ProxyHttp for Gateway {
                         )
                         .await;
                 }
-                held.fetch_sub(1, Ordering::AcqRel);
+                drop(held);
             }
         }
         let Some(backend) = chosen else {

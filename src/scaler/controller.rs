@@ -453,7 +453,9 @@ impl Controller {
                     .filter(|(_, k)| k.phase == Phase::Ready)
                     .map(|(id, k)| {
                         (
-                            k.addr.and_then(|a| in_flight(app, a)).unwrap_or(0),
+                            k.addr
+                                .and_then(|a| backend_info(app, a))
+                                .map_or(0, |i| i.counters.in_flight.load(Ordering::Relaxed)),
                             id.clone(),
                         )
                     })
@@ -748,16 +750,6 @@ fn target(addr: SocketAddr) -> Target {
 
 fn managed_changed(a: &[Target], b: &[Target]) -> bool {
     a.len() != b.len() || a.iter().any(|x| !b.iter().any(|y| y.addr == x.addr))
-}
-
-/// Requests in flight on the app's backend at `addr`.
-fn in_flight(app: &App, addr: SocketAddr) -> Option<i64> {
-    app.upstream.backends().iter().find_map(|b| {
-        (b.addr.as_inet() == Some(&addr))
-            .then(|| crate::upstream::info(b))
-            .flatten()
-            .map(|i| i.counters.in_flight.load(Ordering::Relaxed))
-    })
 }
 
 #[async_trait]

@@ -8,7 +8,7 @@
 //! after it was asked for. Noise, when a trace has it, comes from a fixed-seed generator, so
 //! every run of a trace is the same.
 
-use super::policy::{self, Decision, Params, Replicas, Signals, State, Target};
+use super::policy::{self, Params, Replicas, Signals, State, Target};
 use crate::cost::ewma::Ewma;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -81,9 +81,6 @@ pub struct Ours {
     /// Parameters.
     pub params: Params,
     state: State,
-    /// Every decision, for tests.
-    pub decisions: Vec<(f64, Decision)>,
-    t0: Instant,
 }
 
 impl Ours {
@@ -93,8 +90,6 @@ impl Ours {
             target,
             params,
             state: State::new(now),
-            decisions: Vec::new(),
-            t0: now,
         }
     }
 }
@@ -107,10 +102,7 @@ impl Scaler for Ours {
         Duration::from_secs(1)
     }
     fn decide(&mut self, s: &Signals, r: Replicas, now: Instant) -> u32 {
-        let d = policy::decide(&self.target, &self.params, &mut self.state, s, r, now);
-        self.decisions
-            .push((now.saturating_duration_since(self.t0).as_secs_f64(), d));
-        d.replicas
+        policy::decide(&self.target, &self.params, &mut self.state, s, r, now).replicas
     }
 }
 
