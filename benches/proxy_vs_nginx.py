@@ -126,6 +126,9 @@ def main():
     ap.add_argument("--body", type=int, default=64, help="backend response body bytes")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "nextgate"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--bare", action="store_true",
+                    help="also run benches/bare_pingora.rs (Pingora forwarding with no filters) as the floor "
+                         "under nextgate (`cargo build --release --example bare_pingora` first)")
     ap.add_argument("--no-work-stealing", action="store_true", help="run nextgate with server.work_stealing = false")
     args = ap.parse_args()
 
@@ -133,6 +136,9 @@ def main():
     need("wrk", "wrk")
     if not os.path.exists(args.binary):
         raise SystemExit(f"{args.binary} not found: run `cargo build --release` first")
+    bare_binary = os.path.join(ROOT, "target", "release", "examples", "bare_pingora")
+    if args.bare and not os.path.exists(bare_binary):
+        raise SystemExit(f"{bare_binary} not found: run `cargo build --release --example bare_pingora` first")
 
     tmp = tempfile.mkdtemp(prefix="nextgate-bench-")
     backend_port, nginx_port = free_port(), free_port()
@@ -183,6 +189,13 @@ level = "warn"
         gate = subprocess.Popen([args.binary, "-c", conf], stdout=subprocess.DEVNULL,
                                 stderr=open(os.path.join(tmp, "nextgate.log"), "w"))
         procs.append(gate)
+        bare_port = free_port()
+        if args.bare:
+            bare = subprocess.Popen([bare_binary, f"127.0.0.1:{bare_port}", f"127.0.0.1:{backend_port}",
+                                     str(args.workers), "false" if args.no_work_stealing else "true"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(bare)
+            wait_port(bare_port)
         for p in (backend_port, nginx_port, ng_proxy, ng_admin):
             wait_port(p)
         req = urllib.request.Request(
@@ -196,6 +209,8 @@ level = "warn"
             "nginx": (f"http://127.0.0.1:{nginx_port}/v3/bench/", nginx.pid),
             "nextgate": (f"http://127.0.0.1:{ng_proxy}/v3/bench/", gate.pid),
         }
+        if args.bare:
+            targets["bare-pingora"] = (f"http://127.0.0.1:{bare_port}/v3/bench/", bare.pid)
         for name, (url, _) in targets.items():
             with urllib.request.urlopen(url, timeout=5) as r:
                 assert r.status == 200 and r.read() == body.encode(), name
@@ -204,21 +219,21 @@ level = "warn"
         results = {name: [] for name in targets}
         print(f"# {args.rounds} rounds x {args.duration}s, wrk -t{args.threads} -c{args.connections}, "
               f"{args.workers} proxy worker(s), {args.body} B body, {os.cpu_count()} CPUs")
-        print(f"{'round':>5} {'proxy':>9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu s/10k':>10} {'errors':>7}")
+        print(f"{'round':>5} {'proxy':>12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu s/10k':>10} {'errors':>7}")
         for rnd in range(args.rounds):
-            order = list(targets) if rnd % 2 == 0 else list(reversed(targets))
+            order = list(targets)[rnd % len(targets):] + list(targets)[:rnd % len(targets)]
             for name in order:
                 url, pid = targets[name]
                 r = run_wrk(url, args, pid)
                 results[name].append(r)
-                print(f"{rnd + 1:>5} {name:>9} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                print(f"{rnd + 1:>5} {name:>12} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                       f"{r['cpu_per_10k']:>10.3f} {r['non2xx']:>7} {r['socket_errors']}", flush=True)
 
         med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms", "cpu_per_10k")}
                for n, rs in results.items()}
         print("\nmedians")
         for n, m in med.items():
-            print(f"  {n:>9}: {m['rps']:.0f} req/s, p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
+            print(f"  {n:>12}: {m['rps']:.0f} req/s, p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
                   f"{m['cpu_per_10k']:.3f} CPU s per 10k requests")
         a, b = med["nextgate"], med["nginx"]
         ratios = {
@@ -228,6 +243,14 @@ level = "warn"
         }
         print(f"ratios nextgate/nginx: throughput {ratios['throughput']:.2f}x (goal >= 1.3), "
               f"CPU per request {ratios['cpu_per_request']:.2f}x (goal <= 0.7), p99 {ratios['p99']:.2f}x (goal <= 1.0)")
+        if args.bare:
+            f = med["bare-pingora"]
+            ratios["bare_throughput"] = f["rps"] / b["rps"]
+            ratios["bare_cpu_per_request"] = f["cpu_per_10k"] / b["cpu_per_10k"]
+            ratios["nextgate_over_bare_cpu"] = a["cpu_per_10k"] / f["cpu_per_10k"]
+            print(f"bare Pingora/nginx: throughput {ratios['bare_throughput']:.2f}x, CPU per request "
+                  f"{ratios['bare_cpu_per_request']:.2f}x; nextgate's filters on top of bare Pingora: "
+                  f"{ratios['nextgate_over_bare_cpu']:.2f}x its CPU per request")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "rounds": results, "medians": med, "ratios": ratios}, f, indent=2)
