@@ -42,8 +42,9 @@ image: deps
 	docker build -t nextgate:latest .
 
 ## Side-by-side proxy benchmark against nginx (installs nginx and wrk if missing).
-bench-proxy: release
-	benches/proxy_vs_nginx.py
+bench-proxy: deps
+	$(CARGO) build --release --bin nextgate --example bare_pingora
+	benches/proxy_vs_nginx.py --bare
 
 ## Side-by-side event hub benchmark against Nchan (installs nginx and libnginx-mod-nchan).
 bench-hub: deps
