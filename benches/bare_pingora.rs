@@ -49,7 +49,7 @@ fn main() {
         .map_or(1, |t| t.parse().expect("THREADS is a number"));
     let work_stealing = args
         .next()
-        .map_or(true, |w| w.parse().expect("WORK_STEALING is true or false"));
+        .is_none_or(|w| w.parse().expect("WORK_STEALING is true or false"));
     let dir = std::env::temp_dir().join(format!("bare-pingora-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let conf = ServerConf {

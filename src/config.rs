@@ -245,6 +245,8 @@ impl Default for ProxyFile {
 pub struct ScalerFile {
     /// Decision interval.
     pub tick: String,
+    /// Between ticks, how often the signals are checked for a scale-up.
+    pub check: String,
     /// Drain time for a replica leaving, and its stop grace period.
     pub grace: String,
     /// How long a new replica may take to pass its readiness probe.
@@ -265,6 +267,7 @@ impl Default for ScalerFile {
     fn default() -> Self {
         Self {
             tick: "1s".into(),
+            check: "250ms".into(),
             grace: "10s".into(),
             ready_timeout: "30s".into(),
             tolerance: 0.1,
@@ -281,6 +284,10 @@ impl ScalerFile {
         let tick = duration("scaler.tick", &self.tick)?;
         if tick < Duration::from_millis(100) || tick > Duration::from_secs(60) {
             return Err(invalid("scaler.tick", "must be between 100ms and 60s"));
+        }
+        let check = duration("scaler.check", &self.check)?;
+        if check < Duration::from_millis(50) || check > Duration::from_secs(60) {
+            return Err(invalid("scaler.check", "must be between 50ms and 60s"));
         }
         if !(0.0..=0.5).contains(&self.tolerance) {
             return Err(invalid("scaler.tolerance", "must be between 0 and 0.5"));
@@ -303,6 +310,8 @@ impl ScalerFile {
         let hour = Duration::from_secs(3600);
         Ok(crate::scaler::controller::ScalerSettings {
             tick,
+            // Checking less often than the tick would add nothing.
+            check: check.min(tick),
             grace: bounded("scaler.grace", &self.grace, Duration::ZERO, ten_min)?,
             ready_timeout: bounded(
                 "scaler.ready_timeout",
@@ -1067,6 +1076,8 @@ mod tests {
                 "scaler.hold_timeout",
             ),
             ("[scaler]\ntolerance = 0.9", "scaler.tolerance"),
+            ("[scaler]\ncheck = \"2m\"", "scaler.check"),
+            ("[scaler]\ncheck = \"10ms\"", "scaler.check"),
             ("[scaler]\ngrace = \"soon\"", "scaler.grace"),
         ];
         for (text, key) in cases {

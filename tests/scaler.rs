@@ -225,7 +225,7 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
     let mut gw = Gateway::start(
         "[health]\nkind = \"none\"\n\
          [model]\ntick = \"100ms\"\nslow_decay = \"3s\"\n\
-         [scaler]\ntick = \"500ms\"\ngrace = \"2s\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
+         [scaler]\ntick = \"1s\"\ncheck = \"250ms\"\ngrace = \"2s\"\nstabilisation = \"4s\"\ndown_delay = \"3s\"\n",
     )
     .await;
     let resp = register_scaled(
@@ -516,6 +516,8 @@ async fn a_swarm_service_follows_the_load() {
         gw.log_text()
     );
     assert!(service_replicas(&service) >= 2);
+    // Keep the load on while the new task takes traffic.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok_count, failed, errors) = l.finish().await;
     assert!(ok_count > 100, "the load ran: {ok_count}");
     assert_eq!(

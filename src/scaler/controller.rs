@@ -1,5 +1,6 @@
 //! The scaler loop: once per tick, for every app with a scaling spec, read its signals from the
-//! cost model, ask the policy, and make the replicas match.
+//! cost model, ask the policy, and make the replicas match. Between ticks, every `check`, the
+//! policy is asked on a copy of its state whether it would scale up; if so the pass runs then.
 //!
 //! - A new replica is created and started, probed every 50 ms (HTTP `ready_path` or TCP) and
 //!   only then added to the app's backends.
@@ -35,6 +36,8 @@ use tokio::time::Instant;
 pub struct ScalerSettings {
     /// Decision interval.
     pub tick: Duration,
+    /// Between ticks, how often the signals are checked for a scale-up.
+    pub check: Duration,
     /// Drain and stop grace period.
     pub grace: Duration,
     /// How long a new replica may take to answer its probe.
@@ -151,6 +154,9 @@ struct AppScaler {
     /// Consecutive start failures, and no new start before this.
     start_failures: u32,
     start_after: Option<Instant>,
+    /// Capacity as the last pass left it (its starts included): what the between-tick check
+    /// compares the policy's answer with.
+    capacity: Option<Replicas>,
 }
 
 /// The loop.
@@ -358,6 +364,7 @@ impl Controller {
                 last: None,
                 start_failures: 0,
                 start_after: None,
+                capacity: None,
             });
             let Some(spec) = app.scaling() else { continue };
             if spec.driver == Driver::Swarm {
@@ -420,11 +427,7 @@ impl Controller {
                 }
             }
             // Ask the policy.
-            let count = |p: Phase| state.replicas.values().filter(|k| k.phase == p).count() as u32;
-            let replicas = Replicas {
-                ready: count(Phase::Ready),
-                starting: count(Phase::Starting) + state.pending,
-            };
+            let replicas = docker_capacity(state);
             let d = self.ask(app, spec, state, replicas, now);
             let have = replicas.capacity();
             let backing_off = state.start_after.is_some_and(|t| now < t);
@@ -474,6 +477,7 @@ impl Controller {
                     }
                 }
             }
+            state.capacity = Some(docker_capacity(state));
             apply_managed(app, state).await;
             // Drain what left the backends (once per replica: the task reports back).
             for (id, k) in state.replicas.iter_mut() {
@@ -561,6 +565,10 @@ impl Controller {
             }
         }
         state.pending = d.replicas.saturating_sub(ready);
+        state.capacity = Some(Replicas {
+            ready,
+            starting: state.pending,
+        });
         apply_managed(app, state).await;
     }
 
@@ -574,22 +582,7 @@ impl Controller {
         now: Instant,
     ) -> Decision {
         let name = app.name();
-        let view = self.model.app(name);
-        // Requests held now for want of a replica (not a count since start).
-        let waiting = u32::try_from(app.upstream.held.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
-        let signals = view.as_ref().map_or(
-            Signals {
-                waiting,
-                ..Signals::default()
-            },
-            |v| Signals {
-                concurrency_fast: v.model.concurrency_fast,
-                concurrency_slow: v.model.concurrency_slow,
-                rate_fast: v.model.arrival_rate,
-                latency_ms: v.model.latency_fast_ms,
-                waiting,
-            },
-        );
+        let signals = self.signals(app);
         let d = policy::decide(
             &spec.target(),
             &self.settings.params,
@@ -610,6 +603,53 @@ impl Controller {
         }
         state.last = Some(d);
         d
+    }
+
+    /// The policy's inputs for `app`, from the cost model and the proxy's held requests.
+    fn signals(&self, app: &App) -> Signals {
+        // Requests held now for want of a replica (not a count since start).
+        let waiting = u32::try_from(app.upstream.held.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        self.model.app(app.name()).map_or(
+            Signals {
+                waiting,
+                ..Signals::default()
+            },
+            |v| Signals {
+                concurrency_fast: v.model.concurrency_fast,
+                concurrency_slow: v.model.concurrency_slow,
+                rate_fast: v.model.arrival_rate,
+                latency_ms: v.model.latency_fast_ms,
+                waiting,
+            },
+        )
+    }
+
+    /// Between ticks: would the policy add replicas to some app now? Asked on a copy of each
+    /// app's policy state, so the tick's cadence (windows, target steps) is unchanged; only a
+    /// scale-up brings the next pass forward.
+    fn wants_more(&self, states: &HashMap<String, AppScaler>) -> bool {
+        let now = Instant::now();
+        self.registry.list().iter().any(|app| {
+            let (Some(spec), Some(state)) = (app.scaling(), states.get(app.name())) else {
+                return false;
+            };
+            let Some(capacity) = state.capacity else {
+                return false;
+            };
+            if state.start_after.is_some_and(|t| now < t) {
+                return false;
+            }
+            let mut policy = state.policy.clone();
+            let d = policy::decide(
+                &spec.target(),
+                &self.settings.params,
+                &mut policy,
+                &self.signals(app),
+                capacity,
+                now,
+            );
+            d.replicas > capacity.capacity()
+        })
     }
 
     fn apply(
@@ -735,6 +775,15 @@ async fn apply_managed(app: &App, state: &mut AppScaler) {
     }
 }
 
+/// A container app's replicas: ready ones, and starting ones with the starts not answered yet.
+fn docker_capacity(state: &AppScaler) -> Replicas {
+    let count = |p: Phase| state.replicas.values().filter(|k| k.phase == p).count() as u32;
+    Replicas {
+        ready: count(Phase::Ready),
+        starting: count(Phase::Starting) + state.pending,
+    }
+}
+
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
@@ -759,12 +808,22 @@ impl BackgroundService for Controller {
         let mut states = HashMap::new();
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(self.settings.check);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Passes at least this far apart, however often something wakes the loop.
         const MIN_GAP: Duration = Duration::from_millis(50);
         let mut last = Instant::now();
         loop {
             let early = tokio::select! {
                 _ = tick.tick() => false,
+                // A load step between ticks: answered now, not at the next tick.
+                _ = check.tick() => {
+                    if !self.wants_more(&states) {
+                        continue;
+                    }
+                    tracing::debug!("scaler: signals call for more replicas before the tick");
+                    true
+                }
                 // A held request, or a task reporting (a replica ready, removed...): act now
                 // rather than at the next tick.
                 _ = self.status.wake.notified() => true,
