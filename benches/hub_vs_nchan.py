@@ -79,19 +79,25 @@ http {{
     }}
 }}
 """)
-    p = subprocess.Popen(["nginx", "-c", conf, "-e", "stderr"], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(PIN_SERVER + ["nginx", "-c", conf, "-e", "stderr"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     wait_port(port)
     return p
 
 
-def start_nextgate(tmp, binary, ports, buffer):
+# `--pin`: the server on CPU 0 and the load client on CPU 1 (taskset), so neither competes with
+# the other for a core.
+PIN_SERVER, PIN_CLIENT = [], []
+
+
+def start_nextgate(tmp, binary, ports, buffer, work_stealing=True):
     conf = os.path.join(tmp, "nextgate.toml")
     proxy, admin, events = ports
     with open(conf, "w") as f:
         f.write(f"""
 [server]
 threads = 1
+work_stealing = {"true" if work_stealing else "false"}
 state_dir = "{tmp}/state"
 [listen]
 proxy = "127.0.0.1:{proxy}"
@@ -107,7 +113,7 @@ max_connections = 20000
 [log]
 level = "warn"
 """)
-    p = subprocess.Popen([binary, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(PIN_SERVER + [binary, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(admin)
     wait_port(events)
     req = urllib.request.Request(
@@ -134,7 +140,7 @@ def run_load(client, server, pid, port, scenario, args, via_proxy_port=None):
            "--channels", str(channels), "--subs", str(subs), "--rate", str(rate * args.rate_scale),
            "--duration", str(args.duration), "--msg-bytes", str(args.msg_bytes),
            "--server-pid", str(pid)] + token
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240)
+    out = subprocess.run(PIN_CLIENT + cmd, capture_output=True, text=True, timeout=args.duration + 240)
     if out.returncode != 0:
         raise SystemExit(f"load client failed ({server} {scenario}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,7 +167,15 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "nextgate"))
     ap.add_argument("--client", default=os.path.join(ROOT, "target", "release", "examples", "hub_load"))
     ap.add_argument("--json", help="also write all runs here")
+    ap.add_argument("--pin", action="store_true",
+                    help="run the server on CPU 0 and the load client on CPU 1 (taskset)")
+    ap.add_argument("--no-work-stealing", action="store_true", help="run nextgate with server.work_stealing = false")
     args = ap.parse_args()
+    if args.pin:
+        if os.cpu_count() < 2 or not shutil.which("taskset"):
+            raise SystemExit("--pin needs 2 CPUs and taskset (util-linux)")
+        PIN_SERVER[:] = ["taskset", "-c", "0"]
+        PIN_CLIENT[:] = ["taskset", "-c", "1"]
 
     need("nginx", "nginx")
     need(NCHAN_MODULE, "libnginx-mod-nchan")
@@ -185,7 +199,7 @@ def main():
                         res = run_load(args.client, server, p.pid, port, scenario, args)
                     else:
                         ports = (free_port(), free_port(), free_port())
-                        p = start_nextgate(tmp, args.binary, ports, args.buffer)
+                        p = start_nextgate(tmp, args.binary, ports, args.buffer, not args.no_work_stealing)
                         via = ports[0] if server == "nextgate-proxy" else None
                         res = run_load(args.client, server, p.pid, ports[2], scenario, args, via)
                     stop(p)
