@@ -4,8 +4,10 @@
 //! the gap between nextgate and nginx can be split into what our filters cost and what
 //! Pingora's HTTP/1 proxy path costs by itself.
 //!
-//! `bare_pingora LISTEN BACKEND [THREADS] [WORK_STEALING]`, e.g.
-//! `bare_pingora 127.0.0.1:9080 127.0.0.1:9001 1 true`.
+//! `bare_pingora LISTEN BACKEND [THREADS] [WORK_STEALING] [H2C_STREAMS]`, e.g.
+//! `bare_pingora 127.0.0.1:9080 127.0.0.1:9001 1 true`. With `H2C_STREAMS` above 0 the
+//! backend is spoken to in cleartext HTTP/2 (prior knowledge), that many streams per
+//! connection.
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
@@ -18,6 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     backend: String,
+    h2c_streams: usize,
 }
 
 #[async_trait]
@@ -31,17 +34,18 @@ impl ProxyHttp for Bare {
         _session: &mut Session,
         _ctx: &mut Self::CTX,
     ) -> pingora_core::Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(
-            self.backend.as_str(),
-            false,
-            String::new(),
-        )))
+        let mut peer = HttpPeer::new(self.backend.as_str(), false, String::new());
+        if self.h2c_streams > 0 {
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = self.h2c_streams;
+        }
+        Ok(Box::new(peer))
     }
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bare_pingora LISTEN BACKEND [THREADS] [WORK_STEALING]";
+    let usage = "usage: bare_pingora LISTEN BACKEND [THREADS] [WORK_STEALING] [H2C_STREAMS]";
     let listen = args.next().expect(usage);
     let backend = args.next().expect(usage);
     let threads = args
@@ -50,6 +54,9 @@ fn main() {
     let work_stealing = args
         .next()
         .is_none_or(|w| w.parse().expect("WORK_STEALING is true or false"));
+    let h2c_streams = args
+        .next()
+        .map_or(0, |n| n.parse().expect("H2C_STREAMS is a number"));
     let dir = std::env::temp_dir().join(format!("bare-pingora-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let conf = ServerConf {
@@ -63,7 +70,13 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, Bare { backend });
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        Bare {
+            backend,
+            h2c_streams,
+        },
+    );
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.run_forever();
