@@ -272,7 +272,7 @@ pub async fn serve_raw(stream: pingora_core::protocols::Stream, body: SseBody) {
                 tokio::select! {
                     // Biased: a write that completes at once never registers the waiter.
                     biased;
-                    r = tokio::time::timeout(timeout, wr.write_all(&out)) => match r {
+                    r = crate::http_server::timed_write(wr.write_all(&out)) => match r {
                         Ok(Ok(())) => {}
                         _ => return,
                     },

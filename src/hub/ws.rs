@@ -32,8 +32,6 @@ pub const CLOSE_DELETED: u16 = 4404;
 /// Close code when the gateway shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
-/// Longest time one flush to a subscriber may take before it is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most queued messages written per flush.
 const BATCH: usize = 256;
 
@@ -224,7 +222,7 @@ fn message_frame<'a>(m: &'a Message, meta: bool) -> Frame<'a> {
 }
 
 async fn flush(wr: &mut Writer) -> Result<(), WebSocketError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, wr.flush()).await {
+    match crate::http_server::timed_write(wr.flush()).await {
         Ok(r) => r,
         Err(_) => Err(WebSocketError::IoError(io::ErrorKind::TimedOut.into())),
     }
