@@ -386,18 +386,9 @@ impl AdminApi {
         };
         let reg = Registration {
             name: required(name, "name")?,
-            endpoints: match (endpoint, &scaling) {
-                (Some(e), _) => e,
-                // A scaled app's backends come from its replicas.
-                (None, Some(_)) => Vec::new(),
-                (None, None) => {
-                    return Err(ApiError::field(
-                        StatusCode::BAD_REQUEST,
-                        "endpoint",
-                        "`endpoint` is required",
-                    ))
-                }
-            },
+            // Required unless the app is scaled (its replicas are its backends): the registry
+            // knows, also for a spec declared in the config file.
+            endpoints: endpoint.unwrap_or_default(),
             token: required(token, "token")?,
             balance,
             scaling,

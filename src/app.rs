@@ -57,6 +57,14 @@ pub enum StartupError {
     /// The registry could not be loaded.
     #[error("{0}")]
     Registry(#[from] crate::registry::store::StoreError),
+    /// A `[scaling.{app}]` spec from the config file could not be applied.
+    #[error("scaling.{app}: {source}")]
+    Scaling {
+        /// App name.
+        app: String,
+        /// Why.
+        source: crate::registry::RegistryError,
+    },
     /// A listener address cannot be bound.
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
@@ -241,6 +249,13 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         .build()
         .map_err(StartupError::Runtime)?;
     let registry = Arc::new(rt.block_on(Registry::open(store, health.clone(), &settings))?);
+    for (name, spec) in &settings.scaling {
+        rt.block_on(registry.declare_scaling(name, spec))
+            .map_err(|source| StartupError::Scaling {
+                app: name.clone(),
+                source,
+            })?;
+    }
     drop(rt);
     tracing::info!(apps = registry.len(), state_dir = %settings.state_dir.display(), "registry loaded");
 

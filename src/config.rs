@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub model: ModelFile,
     /// `[scaler]`
     pub scaler: ScalerFile,
+    /// `[scaling.{app}]`: scaling specs declared by the operator, per app name.
+    pub scaling: std::collections::BTreeMap<String, crate::scaler::spec::ScalingSpec>,
     /// `[log]`
     pub log: LogFile,
 }
@@ -339,6 +341,23 @@ impl ScalerFile {
             },
         })
     }
+}
+
+/// `[scaling.{app}]` tables: each name a valid app name, each spec valid, errors keyed
+/// `scaling.{app}.{field}`.
+fn validate_scaling(
+    specs: std::collections::BTreeMap<String, crate::scaler::spec::ScalingSpec>,
+) -> Result<std::collections::BTreeMap<String, crate::scaler::spec::ScalingSpec>, ConfigError> {
+    for (name, spec) in &specs {
+        if let Err(e) = crate::registry::validate::name(name) {
+            return Err(invalid(&format!("scaling.{name}"), e.to_string()));
+        }
+        if let Err(e) = spec.validate() {
+            let field = e.field.strip_prefix("scaling.").unwrap_or(e.field);
+            return Err(invalid(&format!("scaling.{name}.{field}"), e.message));
+        }
+    }
+    Ok(specs)
 }
 
 /// `[model]`: the cost model fed by every proxied request.
@@ -743,6 +762,8 @@ pub struct Settings {
     pub model: ModelSettings,
     /// Scaler.
     pub scaler: crate::scaler::controller::ScalerSettings,
+    /// Scaling specs from the file, applied to their apps at startup.
+    pub scaling: std::collections::BTreeMap<String, crate::scaler::spec::ScalingSpec>,
     /// Log filter.
     pub log_level: String,
     /// Log format.
@@ -987,6 +1008,7 @@ impl Settings {
             fail_penalty,
             model: f.model.validate()?,
             scaler: f.scaler.validate()?,
+            scaling: validate_scaling(f.scaling)?,
             log_level: f.log.level,
             log_format,
             access_log: f.log.access,
@@ -1029,6 +1051,56 @@ mod tests {
         assert_eq!(s.hub.heartbeat, d.hub.heartbeat);
         assert_eq!(s.hub.ticket_max_ttl, d.hub.ticket_max_ttl);
         assert_eq!(s.hub.webhook_max_backoff, d.hub.webhook_max_backoff);
+    }
+
+    #[test]
+    fn scaling_tables_validate_with_keyed_errors() {
+        let s = parse(
+            "[scaling.shop]\ndriver = \"docker\"\nimage = \"shop:1\"\nport = 8080\nmax = 8\n\
+             [scaling.bill]\ndriver = \"swarm\"\nservice = \"bill\"\nport = 80\nmax = 3\n",
+        )
+        .expect("valid");
+        assert_eq!(s.scaling.len(), 2);
+        assert_eq!(s.scaling["shop"].max, 8);
+        assert_eq!(s.scaling["shop"].min, 1, "min defaults to 1");
+        assert_eq!(s.scaling["bill"].service.as_deref(), Some("bill"));
+        assert!(parse("").expect("defaults").scaling.is_empty());
+        let cases = [
+            (
+                "[scaling.Shop]\ndriver = \"docker\"\nimage = \"s\"\nport = 1\nmax = 1",
+                "scaling.Shop",
+            ),
+            (
+                "[scaling.shop]\ndriver = \"docker\"\nport = 1\nmax = 1",
+                "scaling.shop.image",
+            ),
+            (
+                "[scaling.shop]\ndriver = \"docker\"\nimage = \"s\"\nport = 1\nmax = 500",
+                "scaling.shop.max",
+            ),
+            (
+                "[scaling.shop]\ndriver = \"docker\"\nimage = \"s\"\nport = 1\nmax = 2\nreplicas = 3",
+                "replicas",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn shipped_scaling_example_is_valid_once_uncommented() {
+        let text = include_str!("../conf/nextgate.toml");
+        let example: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [scaling."))
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        assert!(example.contains("[scaling.shop]"), "{example}");
+        let s = parse(&example).expect("the example in conf/nextgate.toml is valid");
+        assert_eq!(s.scaling["shop"].max, 8);
     }
 
     #[test]

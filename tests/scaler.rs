@@ -344,6 +344,70 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
 }
 
 #[tokio::test]
+async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
+    let app = format!("decl{}", std::process::id());
+    let image = format!("nextgate-scale-test:decl{}", std::process::id());
+    let _cleanup = Cleanup {
+        app: app.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
+    let mut gw = Gateway::start(&format!(
+        "[health]\nkind = \"none\"\n[scaler]\ntick = \"200ms\"\n\
+         [scaling.{app}]\ndriver = \"docker\"\nimage = \"{image}\"\nport = 8080\nmin = 1\nmax = 2\n"
+    ))
+    .await;
+    // Nobody registered: the declared app exists as a provisioned name, served by its replica.
+    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
+    assert_eq!(
+        n,
+        1,
+        "the declared minimum came up; log:\n{}",
+        gw.log_text()
+    );
+    let view = app_view(&gw, &app).await;
+    assert_eq!(view["provisioned"], true, "{view}");
+    assert_eq!(view["token_bound"], false, "{view}");
+    assert_eq!(view["scaling"]["image"], image.as_str(), "{view}");
+    let r = reqwest::get(gw.proxy_url(&format!("/v3/{app}/work")))
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+
+    // The app binds its token later with a plain registration: no endpoint, no admin key.
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/v3/events/processes/register"))
+        .json(&serde_json::json!({"name": app, "token": TOKEN}))
+        .send()
+        .await
+        .expect("register");
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert!(status.is_success(), "{status} {body}");
+    assert_eq!(body["token_bound"], true, "{body}");
+
+    // A restart with the same file changes nothing: same container, token still bound.
+    let before = containers(&app, true);
+    let updated = app_view(&gw, &app).await["updated_at"].clone();
+    let _ = gw.terminate();
+    gw.restart().await;
+    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
+    assert_eq!(n, 1, "adopted after restart; log:\n{}", gw.log_text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        containers(&app, true),
+        before,
+        "the same container, no new one"
+    );
+    let view = app_view(&gw, &app).await;
+    assert_eq!(view["token_bound"], true, "{view}");
+    assert_eq!(
+        view["updated_at"], updated,
+        "an unchanged spec is not rewritten: {view}"
+    );
+}
+
+#[tokio::test]
 async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_to_zero() {
     let app = format!("zero{}", std::process::id());
     let image = format!("nextgate-scale-test:zero{}", std::process::id());

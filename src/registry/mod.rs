@@ -354,13 +354,20 @@ impl Registry {
                 message: e.message,
             })?;
         }
-        // A scaled app may come without endpoints of its own: the scaler provides them.
-        let endpoints =
-            if reg.scaling.is_some() && reg.endpoints.iter().all(|e| e.trim().is_empty()) {
-                Vec::new()
-            } else {
-                validate::endpoints(&reg.endpoints, self.max_endpoints)?
-            };
+        // A scaled app may come without endpoints of its own: the scaler provides them. Its
+        // spec may also be the operator's, already on the record.
+        let scaled =
+            reg.scaling.is_some() || self.get(&reg.name).is_some_and(|a| a.scaling().is_some());
+        let endpoints = if !reg.endpoints.iter().all(|e| e.trim().is_empty()) {
+            validate::endpoints(&reg.endpoints, self.max_endpoints)?
+        } else if scaled {
+            Vec::new()
+        } else {
+            return Err(RegistryError::Invalid {
+                field: "endpoint",
+                message: "`endpoint` is required".into(),
+            });
+        };
         let targets = targets(&endpoints).await?;
 
         let _guard = self.write.lock().await;
@@ -454,6 +461,43 @@ impl Registry {
         self.changed(1);
         tracing::info!(app = %name, created, token_set = token.is_some(), "app provisioned");
         Ok((app, created))
+    }
+
+    /// The operator's scaling spec for `name` (from the config file): the app is created as a
+    /// provisioned name if it does not exist, and its spec replaced if it differs. Endpoints,
+    /// token and balance are kept. Returns whether anything changed.
+    pub async fn declare_scaling(
+        &self,
+        name: &str,
+        spec: &crate::scaler::spec::ScalingSpec,
+    ) -> Result<bool, RegistryError> {
+        validate::name(name)?;
+        spec.validate().map_err(|e| RegistryError::Invalid {
+            field: e.field,
+            message: e.message,
+        })?;
+        let _guard = self.write.lock().await;
+        let current = self.apps.load_full();
+        let existing = current.get(name);
+        if existing.is_some_and(|a| a.record.scaling.as_ref() == Some(spec)) {
+            return Ok(false);
+        }
+        let now = now_ms();
+        let record = AppRecord {
+            name: name.to_string(),
+            endpoints: existing.map_or_else(Vec::new, |a| a.record.endpoints.clone()),
+            token_hash: existing.and_then(|a| a.record.token_hash.clone()),
+            provisioned: existing.is_none_or(|a| a.record.provisioned),
+            registered_at_ms: existing.map_or(now, |a| a.record.registered_at_ms),
+            updated_at_ms: now,
+            balance: existing.and_then(|a| a.record.balance),
+            scaling: Some(spec.clone()),
+        };
+        let token = existing.and_then(|a| a.token.clone());
+        self.replace(&current, record, token, None).await?;
+        self.changed(1);
+        tracing::info!(app = %name, created = existing.is_none(), "scaling spec from the config file applied");
+        Ok(true)
     }
 
     /// Admin: bind a new token to an existing app.
