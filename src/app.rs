@@ -249,13 +249,9 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
         .build()
         .map_err(StartupError::Runtime)?;
     let registry = Arc::new(rt.block_on(Registry::open(store, health.clone(), &settings))?);
-    for (name, spec) in &settings.scaling {
-        rt.block_on(registry.declare_scaling(name, spec))
-            .map_err(|source| StartupError::Scaling {
-                app: name.clone(),
-                source,
-            })?;
-    }
+    let unscaled = rt
+        .block_on(registry.apply_declared(&settings.scaling))
+        .map_err(|(app, source)| StartupError::Scaling { app, source })?;
     drop(rt);
     tracing::info!(apps = registry.len(), state_dir = %settings.state_dir.display(), "registry loaded");
 
@@ -381,7 +377,13 @@ pub fn run(settings: Settings) -> Result<(), StartupError> {
     ));
     server.add_service(background_service(
         "scaler",
-        Controller::new(registry.clone(), model, settings.scaler, scaler_status),
+        Controller::new(
+            registry.clone(),
+            model,
+            settings.scaler,
+            scaler_status,
+            unscaled,
+        ),
     ));
     if active_checks {
         let mut checker = HealthCheckService::new(health);

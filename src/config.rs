@@ -312,8 +312,7 @@ impl ScalerFile {
         let hour = Duration::from_secs(3600);
         Ok(crate::scaler::controller::ScalerSettings {
             tick,
-            // Checking less often than the tick would add nothing.
-            check: check.min(tick),
+            check,
             grace: bounded("scaler.grace", &self.grace, Duration::ZERO, ten_min)?,
             ready_timeout: bounded(
                 "scaler.ready_timeout",

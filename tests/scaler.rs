@@ -353,7 +353,7 @@ async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
     };
     build_image(&image);
     let mut gw = Gateway::start(&format!(
-        "[health]\nkind = \"none\"\n[scaler]\ntick = \"200ms\"\n\
+        "[health]\nkind = \"none\"\n[scaler]\ntick = \"200ms\"\ngrace = \"1s\"\n\
          [scaling.{app}]\ndriver = \"docker\"\nimage = \"{image}\"\nport = 8080\nmin = 1\nmax = 2\n"
     ))
     .await;
@@ -405,6 +405,26 @@ async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
         view["updated_at"], updated,
         "an unchanged spec is not rewritten: {view}"
     );
+
+    // The table taken out of the file: at the next start the spec goes, and so do the replicas.
+    let path = gw.state_dir().join("nextgate.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let cut = text.find("[scaling.").expect("the scaling table");
+    std::fs::write(&path, &text[..cut]).expect("config");
+    let _ = gw.terminate();
+    gw.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !containers(&app, true).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        containers(&app, true).is_empty(),
+        "replicas of an app no longer scaled are removed; log:\n{}",
+        gw.log_text()
+    );
+    let view = app_view(&gw, &app).await;
+    assert!(view["scaling"].is_null(), "{view}");
+    assert_eq!(view["token_bound"], true, "the app itself stays: {view}");
 }
 
 #[tokio::test]

@@ -354,25 +354,26 @@ impl Registry {
                 message: e.message,
             })?;
         }
-        // A scaled app may come without endpoints of its own: the scaler provides them. Its
-        // spec may also be the operator's, already on the record.
-        let scaled =
-            reg.scaling.is_some() || self.get(&reg.name).is_some_and(|a| a.scaling().is_some());
-        let endpoints = if !reg.endpoints.iter().all(|e| e.trim().is_empty()) {
-            validate::endpoints(&reg.endpoints, self.max_endpoints)?
-        } else if scaled {
-            Vec::new()
+        let given = !reg.endpoints.iter().all(|e| e.trim().is_empty());
+        let targets = if given {
+            Some(targets(&validate::endpoints(&reg.endpoints, self.max_endpoints)?).await?)
         } else {
-            return Err(RegistryError::Invalid {
-                field: "endpoint",
-                message: "`endpoint` is required".into(),
-            });
+            None
         };
-        let targets = targets(&endpoints).await?;
 
         let _guard = self.write.lock().await;
         let current = self.apps.load_full();
         let existing = current.get(&reg.name);
+        // A scaled app may come without endpoints: its replicas are its backends, and the
+        // endpoints it has (if any) are kept. Its spec may be the operator's, already on the
+        // record.
+        let scaled = reg.scaling.is_some() || existing.is_some_and(|a| a.scaling().is_some());
+        if targets.is_none() && !scaled {
+            return Err(RegistryError::Invalid {
+                field: "endpoint",
+                message: "`endpoint` is required".into(),
+            });
+        }
         let now = now_ms();
         let (token, registered_at_ms, provisioned, created) = match existing {
             Some(app) => {
@@ -397,7 +398,11 @@ impl Registry {
         };
         let record = AppRecord {
             name: reg.name.clone(),
-            endpoints: endpoints.iter().map(|e| e.url.clone()).collect(),
+            endpoints: match (&targets, existing) {
+                (Some(t), _) => t.iter().map(|t| t.endpoint.clone()).collect(),
+                (None, Some(app)) => app.record.endpoints.clone(),
+                (None, None) => Vec::new(),
+            },
             token_hash: Some(token.encode()),
             provisioned,
             registered_at_ms,
@@ -407,12 +412,16 @@ impl Registry {
                 .scaling
                 .clone()
                 .or_else(|| existing.and_then(|a| a.record.scaling.clone())),
+            // A spec brought by an (admin) registration replaces the file's until the next
+            // restart, and is no longer the file's to remove.
+            declared: reg.scaling.is_none() && existing.is_some_and(|a| a.record.declared),
         };
+        let backends = record.endpoints.len();
         let app = self
-            .replace(&current, record, Some(token), Some(&targets))
+            .replace(&current, record, Some(token), targets.as_deref())
             .await?;
         self.changed(0);
-        tracing::info!(app = %app.name(), backends = targets.len(), created, "app registered");
+        tracing::info!(app = %app.name(), backends, created, "app registered");
         Ok((app, created))
     }
 
@@ -453,6 +462,7 @@ impl Registry {
             updated_at_ms: now,
             balance: existing.and_then(|a| a.record.balance),
             scaling: existing.and_then(|a| a.record.scaling.clone()),
+            declared: existing.is_some_and(|a| a.record.declared),
         };
         let created = existing.is_none();
         let app = self
@@ -461,6 +471,51 @@ impl Registry {
         self.changed(1);
         tracing::info!(app = %name, created, token_set = token.is_some(), "app provisioned");
         Ok((app, created))
+    }
+
+    /// The config file's `[scaling.{app}]` specs at startup: each applied with
+    /// [`Registry::declare_scaling`], and a spec that came from a table no longer in the file
+    /// removed from its app. Returns the apps that lost their spec (their leftover replicas are
+    /// the scaler's to remove).
+    pub async fn apply_declared(
+        &self,
+        specs: &std::collections::BTreeMap<String, crate::scaler::spec::ScalingSpec>,
+    ) -> Result<Vec<String>, (String, RegistryError)> {
+        for (name, spec) in specs {
+            self.declare_scaling(name, spec)
+                .await
+                .map_err(|e| (name.clone(), e))?;
+        }
+        let stale: Vec<String> = self
+            .list()
+            .iter()
+            .filter(|a| a.record.declared && !specs.contains_key(a.name()))
+            .map(|a| a.name().to_string())
+            .collect();
+        for name in &stale {
+            self.undeclare_scaling(name)
+                .await
+                .map_err(|e| (name.clone(), e))?;
+        }
+        Ok(stale)
+    }
+
+    /// Remove a spec that came from the config file (its table is gone); the app stays.
+    async fn undeclare_scaling(&self, name: &str) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().await;
+        let current = self.apps.load_full();
+        let Some(app) = current.get(name) else {
+            return Ok(());
+        };
+        let mut record = app.record.clone();
+        record.scaling = None;
+        record.declared = false;
+        record.updated_at_ms = now_ms();
+        self.replace(&current, record, app.token.clone(), None)
+            .await?;
+        self.changed(1);
+        tracing::info!(app = %name, "scaling spec no longer in the config file: removed");
+        Ok(())
     }
 
     /// The operator's scaling spec for `name` (from the config file): the app is created as a
@@ -479,7 +534,7 @@ impl Registry {
         let _guard = self.write.lock().await;
         let current = self.apps.load_full();
         let existing = current.get(name);
-        if existing.is_some_and(|a| a.record.scaling.as_ref() == Some(spec)) {
+        if existing.is_some_and(|a| a.record.declared && a.record.scaling.as_ref() == Some(spec)) {
             return Ok(false);
         }
         let now = now_ms();
@@ -492,6 +547,7 @@ impl Registry {
             updated_at_ms: now,
             balance: existing.and_then(|a| a.record.balance),
             scaling: Some(spec.clone()),
+            declared: true,
         };
         let token = existing.and_then(|a| a.token.clone());
         self.replace(&current, record, token, None).await?;

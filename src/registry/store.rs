@@ -36,6 +36,10 @@ pub struct AppRecord {
     /// Scaling spec, if the app asked to be scaled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<crate::scaler::spec::ScalingSpec>,
+    /// The spec came from a `[scaling.{app}]` table in the config file (and goes when the
+    /// table does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub declared: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -193,6 +197,7 @@ mod tests {
             provisioned: false,
             registered_at_ms: 1,
             updated_at_ms: 2,
+            declared: false,
         }
     }
 

@@ -159,6 +159,22 @@ struct AppScaler {
     capacity: Option<Replicas>,
 }
 
+impl AppScaler {
+    fn new(now: Instant) -> Self {
+        Self {
+            policy: State::new(now),
+            replicas: HashMap::new(),
+            pending: 0,
+            managed: Vec::new(),
+            upstream: 0,
+            last: None,
+            start_failures: 0,
+            start_after: None,
+            capacity: None,
+        }
+    }
+}
+
 /// The loop.
 pub struct Controller {
     registry: Arc<Registry>,
@@ -168,6 +184,9 @@ pub struct Controller {
     runtime: tokio::sync::Mutex<Option<Arc<DockerRuntime>>>,
     /// When the engine-unavailable warning was last logged (at most one per 30 s).
     warned: parking_lot::Mutex<Option<Instant>>,
+    /// Apps that lost their spec while the gateway was down (a `[scaling.{app}]` table taken
+    /// out of the file): the first passes remove their leftover replicas.
+    unscaled: Vec<String>,
 }
 
 impl Controller {
@@ -177,12 +196,14 @@ impl Controller {
         model: Arc<CostModel>,
         settings: ScalerSettings,
         status: Arc<ScalerStatus>,
+        unscaled: Vec<String>,
     ) -> Self {
         Self {
             registry,
             model,
             settings,
             status,
+            unscaled,
             runtime: tokio::sync::Mutex::new(None),
             warned: parking_lot::Mutex::new(None),
         }
@@ -328,6 +349,10 @@ impl Controller {
             return;
         }
         let Some(docker) = self.runtime().await else {
+            // Until a pass gets through, only the tick retries (not every check).
+            for state in states.values_mut() {
+                state.capacity = None;
+            }
             return;
         };
         let rt: Arc<dyn ContainerRuntime> = docker.clone();
@@ -355,17 +380,9 @@ impl Controller {
         let now = Instant::now();
         for app in &apps {
             let name = app.name().to_string();
-            let state = states.entry(name.clone()).or_insert_with(|| AppScaler {
-                policy: State::new(now),
-                replicas: HashMap::new(),
-                pending: 0,
-                managed: Vec::new(),
-                upstream: 0,
-                last: None,
-                start_failures: 0,
-                start_after: None,
-                capacity: None,
-            });
+            let state = states
+                .entry(name.clone())
+                .or_insert_with(|| AppScaler::new(now));
             let Some(spec) = app.scaling() else { continue };
             if spec.driver == Driver::Swarm {
                 self.swarm_app(&services, app, spec, state, now, tx).await;
@@ -379,6 +396,7 @@ impl Controller {
                     tracing::warn!(app = %name, error = %e, "scaler: cannot list replicas");
                     // The engine may have restarted: reconnect next pass.
                     *self.runtime.lock().await = None;
+                    state.capacity = None;
                     continue;
                 }
             };
@@ -515,6 +533,7 @@ impl Controller {
             (Err(e), _) | (_, Err(e)) => {
                 self.status.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(app = %name, service, error = %e, "scaler: cannot read the swarm service");
+                state.capacity = None;
                 return;
             }
         };
@@ -548,6 +567,7 @@ impl Controller {
             starting: desired.saturating_sub(ready),
         };
         let d = self.ask(app, spec, state, replicas, now);
+        let mut applied = true;
         if d.replicas != desired {
             if d.replicas > desired {
                 self.status.ups.fetch_add(1, Ordering::Relaxed);
@@ -559,13 +579,15 @@ impl Controller {
                     tracing::info!(app = %name, service, from = desired, to = d.replicas, "swarm service scaled")
                 }
                 Err(e) => {
+                    applied = false;
                     self.status.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(app = %name, service, error = %e, "scaler: cannot scale the swarm service");
                 }
             }
         }
         state.pending = d.replicas.saturating_sub(ready);
-        state.capacity = Some(Replicas {
+        // What the service now asks of Swarm; after a failed update only the tick retries.
+        state.capacity = applied.then_some(Replicas {
             ready,
             starting: state.pending,
         });
@@ -633,8 +655,15 @@ impl Controller {
             let (Some(spec), Some(state)) = (app.scaling(), states.get(app.name())) else {
                 return false;
             };
-            let Some(capacity) = state.capacity else {
+            // `capacity` is set by a pass that got through. A container app's replicas are
+            // counted live (task reports between passes change them); a Swarm service's come
+            // from the engine, as the last pass read them.
+            let Some(last) = state.capacity else {
                 return false;
+            };
+            let capacity = match spec.driver {
+                Driver::Docker => docker_capacity(state),
+                Driver::Swarm => last,
             };
             if state.start_after.is_some_and(|t| now < t) {
                 return false;
@@ -805,9 +834,17 @@ fn managed_changed(a: &[Target], b: &[Target]) -> bool {
 impl BackgroundService for Controller {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut states = HashMap::new();
+        // Known as scaled apps that are scaled no more, the pass removes their replicas.
+        let start = Instant::now();
+        let mut states: HashMap<String, AppScaler> = self
+            .unscaled
+            .iter()
+            .map(|name| (name.clone(), AppScaler::new(start)))
+            .collect();
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A check as long as the tick adds nothing: off.
+        let checking = self.settings.check < self.settings.tick;
         let mut check = tokio::time::interval(self.settings.check);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Passes at least this far apart, however often something wakes the loop.
@@ -817,7 +854,7 @@ impl BackgroundService for Controller {
             let early = tokio::select! {
                 _ = tick.tick() => false,
                 // A load step between ticks: answered now, not at the next tick.
-                _ = check.tick() => {
+                _ = check.tick(), if checking => {
                     if !self.wants_more(&states) {
                         continue;
                     }
