@@ -60,6 +60,19 @@ fn containers(app: &str, all: bool) -> Vec<String> {
     ids
 }
 
+/// A name for this run's app and its test image, built; both are removed when the guard drops
+/// (also when the test fails).
+fn test_app(prefix: &str) -> (String, String, Cleanup) {
+    let app = format!("{prefix}{}", std::process::id());
+    let image = format!("nextgate-scale-test:{app}");
+    let cleanup = Cleanup {
+        app: app.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
+    (app, image, cleanup)
+}
+
 /// Build the test app as a static binary and wrap it in a `FROM scratch` image.
 fn build_image(tag: &str) {
     let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
@@ -135,6 +148,22 @@ async fn backends(gw: &Gateway, app: &str) -> usize {
     app_view(gw, app).await["backends"]
         .as_array()
         .map_or(0, |b| b.len())
+}
+
+/// Restart the gateway: it adopts the app's one running replica instead of starting another.
+async fn restart_adopts(gw: &mut Gateway, app: &str) {
+    let before = containers(app, true);
+    assert_eq!(before.len(), 1, "one replica before the restart");
+    let _ = gw.terminate();
+    gw.restart().await;
+    let n = wait_backends(gw, app, 30, |n| n == 1).await;
+    assert_eq!(n, 1, "adopted after restart; log:\n{}", gw.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        containers(app, true),
+        before,
+        "the same container, no new one"
+    );
 }
 
 /// Wait until `cond(backends)` holds, up to `secs`; returns the last count.
@@ -215,13 +244,7 @@ impl Load {
 
 #[tokio::test]
 async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
-    let app = format!("scaly{}", std::process::id());
-    let image = format!("nextgate-scale-test:{}", std::process::id());
-    let _cleanup = Cleanup {
-        app: app.clone(),
-        image: image.clone(),
-    };
-    build_image(&image);
+    let (app, image, _cleanup) = test_app("scaly");
     let mut gw = Gateway::start(
         "[health]\nkind = \"none\"\n\
          [model]\ntick = \"100ms\"\nslow_decay = \"3s\"\n\
@@ -314,20 +337,14 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
     while containers(&app, true).len() > 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let before = containers(&app, true);
-    assert_eq!(before.len(), 1, "stopped replicas are removed");
+    assert_eq!(
+        containers(&app, true).len(),
+        1,
+        "stopped replicas are removed"
+    );
 
     // A restarted gateway adopts the running replica instead of starting another.
-    let _ = gw.terminate();
-    gw.restart().await;
-    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
-    assert_eq!(n, 1, "adopted after restart; log:\n{}", gw.log_text());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        containers(&app, true),
-        before,
-        "the same container, no new one"
-    );
+    restart_adopts(&mut gw, &app).await;
     let r = reqwest::get(gw.proxy_url(&format!("/v3/{app}/work")))
         .await
         .expect("request");
@@ -345,13 +362,7 @@ async fn docker_replicas_follow_the_load_and_survive_kills_and_restarts() {
 
 #[tokio::test]
 async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
-    let app = format!("decl{}", std::process::id());
-    let image = format!("nextgate-scale-test:decl{}", std::process::id());
-    let _cleanup = Cleanup {
-        app: app.clone(),
-        image: image.clone(),
-    };
-    build_image(&image);
+    let (app, image, _cleanup) = test_app("decl");
     let mut gw = Gateway::start(&format!(
         "[health]\nkind = \"none\"\n[scaler]\ntick = \"200ms\"\ngrace = \"1s\"\n\
          [scaling.{app}]\ndriver = \"docker\"\nimage = \"{image}\"\nport = 8080\nmin = 1\nmax = 2\n"
@@ -387,18 +398,8 @@ async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
     assert_eq!(body["token_bound"], true, "{body}");
 
     // A restart with the same file changes nothing: same container, token still bound.
-    let before = containers(&app, true);
     let updated = app_view(&gw, &app).await["updated_at"].clone();
-    let _ = gw.terminate();
-    gw.restart().await;
-    let n = wait_backends(&gw, &app, 30, |n| n == 1).await;
-    assert_eq!(n, 1, "adopted after restart; log:\n{}", gw.log_text());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        containers(&app, true),
-        before,
-        "the same container, no new one"
-    );
+    restart_adopts(&mut gw, &app).await;
     let view = app_view(&gw, &app).await;
     assert_eq!(view["token_bound"], true, "{view}");
     assert_eq!(
@@ -429,13 +430,7 @@ async fn a_spec_in_the_config_file_serves_its_app_before_it_registers() {
 
 #[tokio::test]
 async fn an_app_at_zero_holds_requests_until_a_replica_is_ready_then_idles_back_to_zero() {
-    let app = format!("zero{}", std::process::id());
-    let image = format!("nextgate-scale-test:zero{}", std::process::id());
-    let _cleanup = Cleanup {
-        app: app.clone(),
-        image: image.clone(),
-    };
-    build_image(&image);
+    let (app, image, _cleanup) = test_app("zero");
     let gw = Gateway::start(
         "[health]\nkind = \"none\"\n\
          [model]\ntick = \"100ms\"\nfast_decay = \"500ms\"\nslow_decay = \"1s\"\n\
@@ -534,13 +529,7 @@ fn service_replicas(service: &str) -> u32 {
 
 #[tokio::test]
 async fn a_swarm_service_follows_the_load() {
-    let app = format!("swarmy{}", std::process::id());
-    let image = format!("nextgate-scale-test:swarm{}", std::process::id());
-    let _cleanup = Cleanup {
-        app: app.clone(),
-        image: image.clone(),
-    };
-    build_image(&image);
+    let (app, image, _cleanup) = test_app("swarmy");
     // A single-node swarm: made here if the engine is not in one, and left again afterwards.
     let (ok, state) = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
     assert!(ok, "docker info: {state}");
