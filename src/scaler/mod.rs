@@ -186,6 +186,14 @@ mod tests {
         assert!(spike[0].final_replicas <= 3, "{:?}", spike[0]);
     }
 
+    /// `n` ready replicas, none starting.
+    fn ready(n: u32) -> Replicas {
+        Replicas {
+            ready: n,
+            starting: 0,
+        }
+    }
+
     fn signals(conc: f64, rate: f64, lat: f64) -> Signals {
         Signals {
             concurrency_fast: conc,
@@ -222,33 +230,32 @@ mod tests {
     async fn scale_down_waits_halves_and_follows_the_window() {
         let t = target();
         let p = Params::default();
-        let rep = |ready| Replicas { ready, starting: 0 };
         let mut st = State::new(Instant::now());
         // A burst the slow signal barely saw: up at once.
         let burst = Signals {
             concurrency_slow: 4.0,
             ..signals(40.0, 500.0, 60.0)
         };
-        let d = policy::decide(&t, &p, &mut st, &burst, rep(2), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &burst, ready(2), Instant::now());
         assert_eq!((d.replicas, d.reason), (10, Reason::ScaleUp));
         // Gone 5 s later: a scale-up was too recent to scale down.
         tokio::time::advance(Duration::from_secs(5)).await;
         let quiet = signals(4.0, 50.0, 50.0);
-        let d = policy::decide(&t, &p, &mut st, &quiet, rep(10), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &quiet, ready(10), Instant::now());
         assert_eq!(d.reason, Reason::DownDelayed);
         // Past the delay: at most half removed per step.
         tokio::time::advance(Duration::from_secs(26)).await;
-        let d = policy::decide(&t, &p, &mut st, &quiet, rep(10), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &quiet, ready(10), Instant::now());
         assert_eq!((d.replicas, d.reason), (5, Reason::ScaleDown));
         tokio::time::advance(Duration::from_secs(1)).await;
-        let d = policy::decide(&t, &p, &mut st, &quiet, rep(5), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &quiet, ready(5), Instant::now());
         assert_eq!((d.replicas, d.reason), (3, Reason::ScaleDown));
         // 4 in flight at a target of 4: the band keeps 2 (4 / (4 x 0.9) -> 2), not 1.
         tokio::time::advance(Duration::from_secs(1)).await;
-        let d = policy::decide(&t, &p, &mut st, &quiet, rep(3), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &quiet, ready(3), Instant::now());
         assert_eq!((d.replicas, d.reason), (2, Reason::ScaleDown));
         tokio::time::advance(Duration::from_secs(1)).await;
-        let d = policy::decide(&t, &p, &mut st, &quiet, rep(2), Instant::now());
+        let d = policy::decide(&t, &p, &mut st, &quiet, ready(2), Instant::now());
         assert_eq!((d.replicas, d.reason), (2, Reason::Steady));
     }
 
@@ -258,17 +265,7 @@ mod tests {
         let p = Params::default();
         let mut st = State::new(Instant::now());
         let busy = signals(36.0, 400.0, 60.0);
-        let d = policy::decide(
-            &t,
-            &p,
-            &mut st,
-            &busy,
-            Replicas {
-                ready: 10,
-                starting: 0,
-            },
-            Instant::now(),
-        );
+        let d = policy::decide(&t, &p, &mut st, &busy, ready(10), Instant::now());
         assert_eq!(d.reason, Reason::Steady);
         // The load drops; for the next 60 s the window remembers it.
         for _ in 0..60 {
@@ -278,10 +275,7 @@ mod tests {
                 &p,
                 &mut st,
                 &signals(4.0, 50.0, 50.0),
-                Replicas {
-                    ready: 10,
-                    starting: 0,
-                },
+                ready(10),
                 Instant::now(),
             );
             assert_eq!(d.replicas, 10);
@@ -292,10 +286,7 @@ mod tests {
             &p,
             &mut st,
             &signals(4.0, 50.0, 50.0),
-            Replicas {
-                ready: 10,
-                starting: 0,
-            },
+            ready(10),
             Instant::now(),
         );
         assert_eq!((d.replicas, d.reason), (5, Reason::ScaleDown));
@@ -330,10 +321,7 @@ mod tests {
             &p,
             &mut st,
             &Signals::default(),
-            Replicas {
-                ready: 1,
-                starting: 0,
-            },
+            ready(1),
             Instant::now(),
         );
         assert_eq!(d.replicas, 1);
@@ -343,10 +331,7 @@ mod tests {
             &p,
             &mut st,
             &Signals::default(),
-            Replicas {
-                ready: 1,
-                starting: 0,
-            },
+            ready(1),
             Instant::now(),
         );
         assert_eq!((d.replicas, d.reason), (0, Reason::Idle));
@@ -357,10 +342,7 @@ mod tests {
         let t = target();
         let p = Params::default();
         let now = Instant::now();
-        let rep = Replicas {
-            ready: 2,
-            starting: 0,
-        };
+        let rep = ready(2);
         // Healthy at 100 req/s per replica.
         let mut st = State::new(now);
         policy::decide(&t, &p, &mut st, &signals(8.0, 200.0, 60.0), rep, now);
